@@ -1,0 +1,200 @@
+// A-tile generation and the CPU kernels of _random_a_fill and philox4x32_10.
+#include "agen.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "lori/philox.h"
+#include "simd.h"
+
+namespace lori::cpu {
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+namespace {
+
+// ---- Philox on 8 counters at once --------------------------------------------------------
+LORI_AVX2 inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(c, m);                         // lanes 0,2,4,6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);  // lanes 1,3,5,7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// words[8 * 4]: the 4 output words of each of the 8 counters, counter-major.
+LORI_AVX2 void philox8(uint32_t k0s, uint32_t k1s, __m256i c0, __m256i c1, __m256i c2,
+                       __m256i c3, uint32_t* words) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  uint32_t k0 = k0s, k1 = k1s;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, c0, hi0, lo0);
+    mulhilo8(m1, c2, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+  }
+  // 4 x 8 (word-major) -> 8 x 4 (counter-major).
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  auto* out = reinterpret_cast<__m256i*>(words);
+  _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
+  _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+  _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+  _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+}
+
+// Philox blocks for pairs p in [0, n): row r0 + p / nb, block b0 + p % nb; words[4p + w].
+LORI_AVX2 void tile_words_avx2(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb,
+                               int64_t n, uint32_t* words) {
+  const __m256i c2 = _mm256_set1_epi32(g.dist), c3 = _mm256_setzero_si256();
+  int64_t p = 0;
+  alignas(32) uint32_t blk[8], row[8];
+  for (; p + 8 <= n; p += 8) {
+    for (int i = 0; i < 8; ++i) {
+      blk[i] = static_cast<uint32_t>(b0 + (p + i) % nb);
+      row[i] = static_cast<uint32_t>(r0 + (p + i) / nb);
+    }
+    philox8(g.k0, g.k1, _mm256_load_si256(reinterpret_cast<const __m256i*>(blk)),
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(row)), c2, c3, words + 4 * p);
+  }
+  for (; p < n; ++p) {
+    const U32x4 o = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(b0 + p % nb),
+                            static_cast<uint32_t>(r0 + p / nb));
+    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
+  }
+}
+
+void tile_words_scalar(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb, int64_t n,
+                       uint32_t* words) {
+  for (int64_t p = 0; p < n; ++p) {
+    const U32x4 o = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(b0 + p % nb),
+                            static_cast<uint32_t>(r0 + p / nb));
+    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
+  }
+}
+
+// ---- words -> fp32 elements ---------------------------------------------------------------
+// Element e of a row's word stream: uniform -> word e; Rademacher -> bit e%32 of word e/32.
+inline float elem_scalar(int dist, float mag, const uint32_t* words, int64_t e) {
+  if (dist == kRademacher) return ((words[e >> 5] >> (e & 31)) & 1u) ? -mag : mag;
+  return uniform_unit(words[e]) * mag;
+}
+
+LORI_AVX2 void words_to_floats_avx2(int dist, float mag, const uint32_t* words, int64_t e0,
+                                    int64_t n, float* out) {
+  int64_t i = 0;
+  if (dist == kUniform) {
+    // unit * mag == float(2k + 1 - 2^23) * (2^-23 * mag) exactly: scaling by 2^-23 is exact.
+    const __m256 scale = _mm256_set1_ps(mag * 1.1920928955078125e-07f);
+    const __m256i one = _mm256_set1_epi32(1), off = _mm256_set1_epi32(1 << 23);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i w =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + e0 + i));
+      const __m256i odd = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32(w, 8), one), off);
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(odd), scale));
+    }
+  } else {
+    for (; i < n && ((e0 + i) & 7); ++i) out[i] = elem_scalar(dist, mag, words, e0 + i);
+    const __m256i base = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256i magbits = _mm256_castps_si256(_mm256_set1_ps(mag));
+    for (; i + 8 <= n; i += 8) {
+      const int64_t e = e0 + i;
+      const __m256i w = _mm256_set1_epi32(static_cast<int>(words[e >> 5]));
+      const __m256i sh = _mm256_sub_epi32(base, _mm256_set1_epi32(static_cast<int>(e & 31)));
+      const __m256i s = _mm256_and_si256(_mm256_sllv_epi32(w, sh), sign);
+      _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_or_si256(s, magbits)));
+    }
+  }
+  for (; i < n; ++i) out[i] = elem_scalar(dist, mag, words, e0 + i);
+}
+
+}  // namespace
+
+void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
+                int64_t ld) {
+  if (r1 <= r0 || c1 <= c0) return;
+  const int sh = elems_per_block_log2(g.dist);
+  const int64_t b0 = c0 >> sh, nb = ((c1 - 1) >> sh) + 1 - b0, nr = r1 - r0;
+  thread_local std::vector<uint32_t> words;
+  words.resize(static_cast<size_t>(nr * nb * 4) + 8);
+  const bool avx2 = has_avx2();
+  if (avx2) {
+    tile_words_avx2(g, r0, b0, nb, nr * nb, words.data());
+  } else {
+    tile_words_scalar(g, r0, b0, nb, nr * nb, words.data());
+  }
+  const int64_t e0 = c0 - (b0 << sh);
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint32_t* w = words.data() + r * nb * 4;
+    float* o = out + r * ld;
+    if (avx2) {
+      words_to_floats_avx2(g.dist, g.magnitude, w, e0, c1 - c0, o);
+    } else {
+      for (int64_t i = 0; i < c1 - c0; ++i) o[i] = elem_scalar(g.dist, g.magnitude, w, e0 + i);
+    }
+  }
+}
+
+namespace {
+
+void random_a_fill_cpu(const at::Tensor& out, int64_t seed, int64_t in_features,
+                       int64_t col_start, c10::string_view distribution) {
+  TORCH_CHECK(out.device().is_cpu(), "_random_a_fill: out must be a CPU tensor");
+  TORCH_CHECK_VALUE(out.dim() == 2, "_random_a_fill: out must be 2-D (rank, columns)");
+  const AGenParams g = make_agen(seed, in_features, distribution);
+  const int64_t rank = out.size(0), ncols = out.size(1);
+  TORCH_CHECK_VALUE(col_start >= 0 && col_start + ncols <= in_features,
+                    "_random_a_fill: columns [", col_start, ", ", col_start + ncols,
+                    ") exceed in_features=", in_features);
+  if (out.numel() == 0) return;
+  const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
+  at::Tensor buf = direct ? out : at::empty({rank, ncols}, out.options().dtype(at::kFloat));
+  float* p = buf.data_ptr<float>();
+  at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
+    gen_a_tile(g, r0, r1, col_start, col_start + ncols, p + r0 * ncols, ncols);
+  });
+  if (!direct) out.copy_(buf);
+}
+
+at::Tensor philox_cpu(const at::Tensor& counters, int64_t seed) {
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kInt, "philox4x32_10: counters must be int32");
+  TORCH_CHECK_VALUE(counters.dim() == 2 && counters.size(1) == 4,
+                    "philox4x32_10: counters must have shape (N, 4), got ", counters.sizes());
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const auto* in = reinterpret_cast<const uint32_t*>(c.data_ptr<int32_t>());
+  auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  const uint64_t s = static_cast<uint64_t>(seed);
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const U32x4 r = philox4x32_10({{in[4 * i], in[4 * i + 1], in[4 * i + 2], in[4 * i + 3]}},
+                                  static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+    std::memcpy(o + 4 * i, r.v, sizeof(r.v));
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace lori::cpu
+
+TORCH_LIBRARY_IMPL(lori, CPU, m) {
+  m.impl("_random_a_fill", &lori::cpu::random_a_fill_cpu);
+  m.impl("philox4x32_10", &lori::cpu::philox_cpu);
+}

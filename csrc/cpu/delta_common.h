@@ -1,0 +1,76 @@
+// Pieces shared by the CPU forward and backward of sparse_delta.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "../checks.h"
+
+namespace lori::cpu {
+
+// Up to this many tokens, A is generated row by row into L1 and dotted with x by hand;
+// above it, A is generated in column tiles of kGemmTile and multiplied with MKL.
+constexpr int64_t kDirectMaxTokens = 16;
+constexpr int64_t kGemmTile = 1024;  // multiple of 128: tiles start on Philox block edges
+
+inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
+
+// Reads the whole mask once: no bits at positions >= rank, chunk popcounts equal
+// offsets[c+1] - offsets[c], offsets[0] == 0, offsets[-1] == nnz. After this, kernels may
+// walk values by popcount without bounds checks.
+void check_bitmask_cpu(const char* op, const at::Tensor& mask, const at::Tensor& offsets,
+                       int64_t rank, int64_t nnz);
+
+// hT (rank, round_up8(T)) fp32 = A @ x^T, zero in the padding columns. x2 is (T, in).
+at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s);
+
+// Values as fp32 (a copy only when they are not fp32 already).
+at::Tensor values_f32(const at::Tensor& values);
+
+}  // namespace lori::cpu
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "lori/bitmask.h"
+
+namespace lori::cpu {
+
+// B in the bitmask form, as raw pointers (values already fp32).
+struct BView {
+  const uint32_t* mask;
+  const float* values;
+  const int32_t* offsets;
+  int64_t out, words;
+};
+
+// starts[i] = index in values of row (64 c + i)'s first entry; returns the chunk's row count.
+inline int64_t chunk_rows(const BView& b, int64_t c, int32_t* starts) {
+  const int64_t row0 = c * kRowChunk, row1 = std::min(b.out, row0 + kRowChunk);
+  int64_t p = b.offsets[c];
+  for (int64_t r = row0; r < row1; ++r) {
+    starts[r - row0] = static_cast<int32_t>(p);
+    for (int64_t k = 0; k < b.words; ++k) p += popcount32(b.mask[r * b.words + k]);
+  }
+  return row1 - row0;
+}
+
+// Calls f(scalar_t{}) for the three I/O dtypes of the fast kernels.
+template <typename F>
+void dispatch_io_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "lori: no fast CPU kernel for dtype ", t);
+  }
+}
+
+// float64 inputs (gradcheck) and CPUs without AVX2 take the generic path: the same tiling
+// of A, with ATen GEMMs and a dense (out x rank) B, computing in float64 for float64 inputs.
+bool use_generic_path(const at::Tensor& x);
+at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
+                                const at::Tensor& values, const DeltaShape& s, double scale);
+std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
+    const at::Tensor& gy2, const at::Tensor& x2, const at::Tensor& mask, const at::Tensor& values,
+    const DeltaShape& s, double scale, bool need_x, bool need_values);
+
+}  // namespace lori::cpu

@@ -1,0 +1,98 @@
+// Generic CPU path of sparse_delta (forward and backward): float64 inputs, and CPUs
+// without AVX2. A is still generated tile by tile (gen_a_tile); B is expanded to a dense
+// (out, rank) matrix, which is small next to x. Accumulates in the input dtype (float64
+// for gradcheck) or fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "agen.h"
+#include "delta_common.h"
+#include "simd.h"
+
+namespace lori::cpu {
+
+bool use_generic_path(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble || !has_avx2();
+}
+
+namespace {
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Dense B (out, rank) in dtype from the (already validated) bitmask form.
+at::Tensor dense_b(const at::Tensor& mask, const at::Tensor& values, int64_t rank,
+                   at::ScalarType dtype) {
+  const at::Tensor m = mask.contiguous();
+  const at::Tensor v = values.to(at::kDouble).contiguous();
+  const int64_t out = m.size(0), words = m.size(1);
+  at::Tensor b = at::zeros({out, rank}, at::TensorOptions().dtype(at::kDouble));
+  const auto* mw = reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>());
+  const double* vp = v.data_ptr<double>();
+  double* bp = b.data_ptr<double>();
+  int64_t p = 0;
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t w = 0; w < words; ++w) {
+      for (uint32_t bits = mw[o * words + w]; bits; bits &= bits - 1) {
+        bp[o * rank + 32 * w + ctz32(bits)] = vp[p++];
+      }
+    }
+  }
+  return b.to(dtype);
+}
+
+// Calls f(k0, A[:, k0:k0+kt]) for column tiles of A, in dtype.
+template <typename F>
+void for_a_tiles(const DeltaShape& s, at::ScalarType dtype, F&& f) {
+  for (int64_t k0 = 0; k0 < s.in_features; k0 += kGemmTile) {
+    const int64_t kt = std::min(kGemmTile, s.in_features - k0);
+    at::Tensor a = at::empty({s.rank, kt}, at::TensorOptions().dtype(at::kFloat));
+    float* ap = a.data_ptr<float>();
+    at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {
+      gen_a_tile(s.gen, r0, r1, k0, k0 + kt, ap + r0 * kt, kt);
+    });
+    f(k0, kt, a.to(dtype));
+  }
+}
+
+at::Tensor h_generic(const at::Tensor& xa, const DeltaShape& s) {
+  at::Tensor h = at::zeros({xa.size(0), s.rank}, xa.options());
+  for_a_tiles(s, xa.scalar_type(), [&](int64_t k0, int64_t kt, const at::Tensor& a) {
+    h.addmm_(xa.narrow(1, k0, kt), a.t());
+  });
+  return h;
+}
+
+}  // namespace
+
+at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
+                                const at::Tensor& values, const DeltaShape& s, double scale) {
+  const auto acc = acc_type(x2);
+  const at::Tensor h = h_generic(x2.to(acc), s);
+  return at::mm(h, dense_b(mask, values, s.rank, acc).t()).mul_(scale).to(x2.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
+    const at::Tensor& gy2, const at::Tensor& x2, const at::Tensor& mask, const at::Tensor& values,
+    const DeltaShape& s, double scale, bool need_x, bool need_values) {
+  const auto acc = acc_type(x2);
+  const at::Tensor gy = gy2.to(acc), b = dense_b(mask, values, s.rank, acc);
+  at::Tensor gx, gv;
+  if (need_x) {
+    const at::Tensor gh = at::mm(gy, b).mul_(scale);  // (T, rank)
+    gx = at::empty({x2.size(0), s.in_features}, x2.options());
+    for_a_tiles(s, acc, [&](int64_t k0, int64_t kt, const at::Tensor& a) {
+      gx.narrow(1, k0, kt).copy_(at::mm(gh, a));
+    });
+  }
+  if (need_values) {
+    const at::Tensor gb = at::mm(gy.t(), h_generic(x2.to(acc), s)).mul_(scale);  // (out, rank)
+    const at::Tensor on_mask = dense_b(mask, at::ones_like(values, at::kDouble), s.rank,
+                                       at::kDouble).to(at::kBool);
+    gv = gb.masked_select(on_mask).to(values.scalar_type());
+  }
+  return {gx, gv};
+}
+
+}  // namespace lori::cpu

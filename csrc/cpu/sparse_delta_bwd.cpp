@@ -1,0 +1,197 @@
+// CPU backward of sparse_delta.
+//   gh = scale * gy @ B          (T, rank)     -> grad_x = gh @ A
+//   grad_values[(o, k)] = scale * sum_t gy[t, o] * h[t, k],  h = x @ A^T (recomputed)
+// One pass over gy (in 8x8 blocks, transposed in registers) feeds both gh and grad_values;
+// A is generated twice (for h, then for grad_x), which is cheap next to a GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "agen.h"
+#include "delta_common.h"
+#include "simd.h"
+
+namespace lori::cpu {
+namespace {
+
+// Over chunks [c0, c1): ghT_part (rank x Tp) += B^T gy^T (unscaled) when non-null, and
+// gv[p] = scale * sum_t gy[t, o] hT[k, t] for every entry p = (o, k) when gv is non-null.
+template <typename scalar_t>
+LORI_AVX2 void gy_pass_avx2(const BView& b, const scalar_t* gy, int64_t T, int64_t Tp,
+                            const float* hT, float* ghT_part, float* gv, float scale,
+                            int64_t c0, int64_t c1, int64_t rank) {
+  int32_t starts[kRowChunk + 1];
+  std::vector<float> gvacc(gv ? static_cast<size_t>(64 * rank) : 0);  // 8 rows x rank entries x 8 tokens
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t nrows = chunk_rows(b, c, starts), row0 = c * kRowChunk;
+    starts[nrows] = b.offsets[c + 1];
+    for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
+      const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
+      const int64_t p0 = starts[i0], ne = starts[i0 + no] - p0;
+      if (ne == 0) continue;
+      if (gv) std::fill(gvacc.begin(), gvacc.begin() + 8 * ne, 0.f);
+      for (int64_t tb = 0; tb < Tp; tb += 8) {
+        const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
+        __m256 g[8];
+        for (int l = 0; l < 8; ++l) {
+          const scalar_t* src = gy + (tb + l) * b.out + row0 + i0;
+          g[l] = l >= nt ? _mm256_setzero_ps() : (no == 8 ? load8(src) : load_partial(src, no));
+        }
+        transpose8x8(g);  // g[i]: row o_i of gy^T for tokens tb..tb+7
+        int64_t q = 0;
+        for (int i = 0; i < no; ++i) {
+          const int64_t o = row0 + i0 + i;
+          const float* v = b.values + starts[i0 + i];
+          for (int64_t w = 0; w < b.words; ++w) {
+            for (uint32_t bits = b.mask[o * b.words + w]; bits; bits &= bits - 1, ++q, ++v) {
+              const int64_t k = 32 * w + ctz32(bits);
+              if (ghT_part) {
+                float* dst = ghT_part + k * Tp + tb;
+                _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_set1_ps(*v), g[i], _mm256_loadu_ps(dst)));
+              }
+              if (gv) {
+                float* acc = gvacc.data() + 8 * q;
+                _mm256_storeu_ps(acc, _mm256_fmadd_ps(g[i], _mm256_loadu_ps(hT + k * Tp + tb), _mm256_loadu_ps(acc)));
+              }
+            }
+          }
+        }
+      }
+      for (int64_t q = 0; gv && q < ne; ++q) gv[p0 + q] = scale * hsum8(_mm256_loadu_ps(gvacc.data() + 8 * q));
+    }
+  }
+}
+
+// gx[t, c] (T x n, fp32 tile) = sum_k gh[t, k] * a[k, c]; gh is (T, rank) row-major.
+LORI_AVX2 void axpy_cols_avx2(const float* gh, int64_t T, int64_t rank, const float* a,
+                              int64_t n, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gh + t * rank;
+    float* o = out + t * n;
+    int64_t c = 0;
+    for (; c + 32 <= n; c += 32) {
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (int64_t k = 0; k < rank; ++k) {
+        const __m256 bk = _mm256_set1_ps(g[k]);
+        const float* ak = a + k * n + c;
+        s0 = _mm256_fmadd_ps(bk, _mm256_loadu_ps(ak), s0);
+        s1 = _mm256_fmadd_ps(bk, _mm256_loadu_ps(ak + 8), s1);
+        s2 = _mm256_fmadd_ps(bk, _mm256_loadu_ps(ak + 16), s2);
+        s3 = _mm256_fmadd_ps(bk, _mm256_loadu_ps(ak + 24), s3);
+      }
+      _mm256_storeu_ps(o + c, s0);
+      _mm256_storeu_ps(o + c + 8, s1);
+      _mm256_storeu_ps(o + c + 16, s2);
+      _mm256_storeu_ps(o + c + 24, s3);
+    }
+    for (; c < n; ++c) {
+      float s = 0.f;
+      for (int64_t k = 0; k < rank; ++k) s += g[k] * a[k * n + c];
+      o[c] = s;
+    }
+  }
+}
+
+template <typename scalar_t>
+LORI_AVX2 void store_rows(const float* src, int64_t T, int64_t n, scalar_t* dst, int64_t ld) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) store8(dst + t * ld + c, _mm256_loadu_ps(src + t * n + c));
+    for (; c < n; ++c) dst[t * ld + c] = static_cast<scalar_t>(src[t * n + c]);
+  }
+}
+
+// grad_x (T, in) = gh @ A, gh given as ghT (rank, Tp) fp32, already scaled.
+void grad_x_from_gh(const at::Tensor& ghT, const DeltaShape& s, int64_t T, const at::Tensor& gx2) {
+  const at::Tensor gh = ghT.narrow(1, 0, T).t().contiguous();  // (T, rank)
+  const int64_t in = s.in_features, rank = s.rank;
+  if (T <= kDirectMaxTokens) {
+    constexpr int64_t kTile = 256;
+    const float* ghp = gh.data_ptr<float>();
+    dispatch_io_type(gx2.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      scalar_t* gxp = gx2.data_ptr<scalar_t>();
+      at::parallel_for(0, (in + kTile - 1) / kTile, 1, [&](int64_t j0, int64_t j1) {
+        std::vector<float> a(static_cast<size_t>(rank * kTile)), tile(static_cast<size_t>(T * kTile));
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t c0 = j * kTile, n = std::min(kTile, in - c0);
+          gen_a_tile(s.gen, 0, rank, c0, c0 + n, a.data(), n);
+          axpy_cols_avx2(ghp, T, rank, a.data(), n, tile.data());
+          store_rows(tile.data(), T, n, gxp + c0, in);
+        }
+      });
+    });
+    return;
+  }
+  for (int64_t k0 = 0; k0 < in; k0 += kGemmTile) {
+    const int64_t kt = std::min(kGemmTile, in - k0);
+    at::Tensor a = at::empty({rank, kt}, ghT.options());
+    float* ap = a.data_ptr<float>();
+    at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
+      gen_a_tile(s.gen, r0, r1, k0, k0 + kt, ap + r0 * kt, kt);
+    });
+    gx2.narrow(1, k0, kt).copy_(at::mm(gh, a));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
+    const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
+    c10::string_view distribution, double scale, bool need_x, bool need_values) {
+  const char* op = "sparse_delta_backward";
+  const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
+                                               distribution);
+  check_grad_y(op, grad_y, x, s);
+  check_bitmask_cpu(op, mask, offsets, rank, values.numel());
+  const int64_t T = s.tokens, Tp = round_up8(T);
+  at::Tensor gx = need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gv = need_values ? at::zeros_like(values) : at::empty({0}, values.options());
+  if (T == 0 || s.out_features == 0 || (!need_x && !need_values)) return {gx, gv};
+  const at::Tensor x2 = x.reshape({T, s.in_features});
+  const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
+  if (use_generic_path(x)) {
+    auto [gx2, gv2] =
+        sparse_delta_backward_generic(gy2, x2, mask, values, s, scale, need_x, need_values);
+    if (need_x) gx.view({T, s.in_features}).copy_(gx2);
+    if (need_values) gv.copy_(gv2);
+    return {gx, gv};
+  }
+  const at::Tensor hT = need_values ? compute_hT(x2, s) : at::Tensor();
+  const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
+  const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
+                off.data_ptr<int32_t>(), s.out_features, s.words};
+  // Chunks split into fixed contiguous parts, each with its own gh partial sum, so the
+  // reduction order (and the result) does not depend on thread scheduling.
+  const int64_t nchunks = num_chunks(s.out_features);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
+  at::Tensor gh_parts = need_x ? at::zeros({parts, rank, Tp}, x.options().dtype(at::kFloat))
+                               : at::Tensor();
+  at::Tensor gv_f = need_values ? at::empty({values.numel()}, x.options().dtype(at::kFloat))
+                                : at::Tensor();
+  const float sc = static_cast<float>(scale);
+  dispatch_io_type(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gyp = gy2.data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        gy_pass_avx2<scalar_t>(b, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
+                               need_x ? gh_parts[q].data_ptr<float>() : nullptr,
+                               need_values ? gv_f.data_ptr<float>() : nullptr, sc,
+                               nchunks * q / parts, nchunks * (q + 1) / parts, rank);
+      }
+    });
+  });
+  if (need_values) gv.copy_(gv_f);
+  if (need_x) grad_x_from_gh(gh_parts.sum(0).mul_(sc), s, T, gx.view({T, s.in_features}));
+  return {gx, gv};
+}
+
+}  // namespace
+}  // namespace lori::cpu
+
+TORCH_LIBRARY_IMPL(lori, CPU, m) {
+  m.impl("sparse_delta_backward", &lori::cpu::sparse_delta_backward_cpu);
+}

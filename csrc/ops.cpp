@@ -1,0 +1,91 @@
+// The op schemas, declared once. Backends (csrc/cpu, csrc/cuda) only register kernels.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "lori/bitmask.h"
+#include "lori/philox.h"
+
+// `import lori_kernels._C` loads this .so (and so runs the registrations below); the
+// module itself is empty: everything is reached through torch.ops.lori.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace lori {
+
+// random_a allocates on the requested device and fills through the dispatcher, so each
+// backend only implements _random_a_fill.
+static at::Tensor random_a(int64_t seed, int64_t rank, int64_t in_features,
+                           c10::string_view distribution, int64_t col_start, int64_t col_end,
+                           std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
+  TORCH_CHECK_VALUE(rank >= 0, "random_a: rank must be >= 0, got ", rank);
+  TORCH_CHECK_VALUE(in_features >= 1, "random_a: in_features must be >= 1, got ", in_features);
+  if (col_end < 0) col_end = in_features;
+  TORCH_CHECK_VALUE(0 <= col_start && col_start <= col_end && col_end <= in_features,
+                    "random_a: columns [", col_start, ", ", col_end,
+                    ") must lie within [0, in_features=", in_features, "]");
+  const auto st = dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf ||
+                       st == at::kDouble,
+                   "random_a: dtype must be float32, float64, bfloat16 or float16, got ", st);
+  at::Tensor out = at::empty({rank, col_end - col_start},
+                             at::TensorOptions().dtype(st).device(device.value_or(at::kCPU)));
+  static auto fill = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lori::_random_a_fill", "")
+                         .typed<void(const at::Tensor&, int64_t, int64_t, int64_t,
+                                     c10::string_view)>();
+  fill.call(out, seed, in_features, col_start, distribution);
+  return out;
+}
+
+}  // namespace lori
+
+TORCH_LIBRARY(lori, m) {
+  // A (rank, in_features)[:, col_start:col_end] from the seed (docs/spec_a.md).
+  m.def(
+      "random_a(int seed, int rank, int in_features, str distribution=\"rademacher\", "
+      "int col_start=0, int col_end=-1, *, ScalarType? dtype=None, Device? device=None) "
+      "-> Tensor");
+  // Backend entry of random_a: out[r, c] = A[r, col_start + c] for the whole of `out`.
+  m.def(
+      "_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
+      "str distribution) -> ()");
+  // y = scale * (x @ A^T) @ B^T, A from (seed, distribution), B = (mask, values, offsets).
+  m.def(
+      "sparse_delta(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, int seed, "
+      "str distribution, float scale) -> Tensor");
+  // (grad_x, grad_values); each is an empty tensor when its need_* flag is false.
+  m.def(
+      "sparse_delta_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor values, "
+      "Tensor offsets, int rank, int seed, str distribution, float scale, bool need_x, "
+      "bool need_values) -> (Tensor, Tensor)");
+  // weight += scale * B @ A, in place, A generated per column tile (LoRI merge; unmerge
+  // passes -scale). weight is (out_features, in_features).
+  m.def(
+      "merge_delta_(Tensor(a!) weight, Tensor mask, Tensor values, Tensor offsets, int rank, "
+      "int seed, str distribution, float scale) -> ()");
+  // Triton backend of the ops above (same semantics, kernels in lori_kernels/triton,
+  // registered from Python; on CPU tensors they run only under TRITON_INTERPRET=1).
+  m.def(
+      "triton_sparse_delta(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, "
+      "int seed, str distribution, float scale) -> Tensor");
+  m.def(
+      "triton_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor values, "
+      "Tensor offsets, int rank, int seed, str distribution, float scale, bool need_x, "
+      "bool need_values) -> (Tensor, Tensor)");
+  m.def(
+      "triton_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
+      "str distribution) -> ()");
+  // Philox4x32-10 blocks for int32 counters (N, 4) under a 64-bit seed: the spec's RNG
+  // exposed for known-answer tests of the shared header.
+  m.def("philox4x32_10(Tensor counters, int seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lori, CompositeExplicitAutograd, m) {
+  m.impl("random_a", &lori::random_a);
+}

@@ -1,0 +1,16 @@
+"""lori_kernels: LoRI adapters with A regenerated from a seed and B stored as a bitmask.
+
+Ops are registered under torch.ops.lori (see README's op table); this package adds typed
+wrappers, the B packing helpers and the specs' constants.
+"""
+from . import spec
+from .ops import random_a, sparse_delta
+from .packing import PackedB, pack_bitmask, unpack_bitmask
+from .spec import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, layer_seed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "PackedB", "layer_seed", "pack_bitmask",
+    "random_a", "sparse_delta", "spec", "unpack_bitmask",
+]

@@ -1,0 +1,133 @@
+"""The op surface: typed wrappers over torch.ops.lori.*, their fake kernels and autograd.
+
+Schemas live in csrc/ops.cpp; kernels in csrc/cpu (and csrc/cuda, lori_kernels/triton).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import spec
+from .packing import PackedB
+
+try:
+    from . import _C  # noqa: F401  (loading the .so registers torch.ops.lori.*)
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(
+        "lori_kernels._C is not built: run `make build` (or `pip install --no-build-isolation "
+        f"-e .`) in the repository first ({e})"
+    ) from e
+
+_ops = torch.ops.lori
+
+
+# ---- fake kernels (shapes only; used by torch.compile and opcheck) ---------------------------
+
+def _check_delta_fake(x, mask, values, offsets, rank):
+    torch._check(x.dim() >= 1, lambda: "sparse_delta: x must have at least 1 dimension")
+    torch._check(1 <= rank <= spec.MAX_RANK, lambda: f"sparse_delta: rank out of range: {rank}")
+    torch._check(mask.dim() == 2 and mask.shape[1] == spec.mask_words(rank),
+                 lambda: "sparse_delta: mask must have shape (out_features, ceil(rank/32))")
+    torch._check(mask.dtype == torch.int32, lambda: "sparse_delta: mask must be int32")
+    torch._check(values.dtype == x.dtype, lambda: "sparse_delta: values dtype must match x")
+    torch._check(values.dim() == 1, lambda: "sparse_delta: values must be 1-D")
+    torch._check(offsets.dtype == torch.int32, lambda: "sparse_delta: offsets must be int32")
+    torch._check(offsets.dim() == 1 and offsets.shape[0] == spec.num_chunks(mask.shape[0]) + 1,
+                 lambda: "sparse_delta: offsets must have shape (ceil(out_features/64)+1,)")
+
+
+@torch.library.register_fake("lori::sparse_delta")
+def _sparse_delta_fake(x, mask, values, offsets, rank, seed, distribution, scale):
+    _check_delta_fake(x, mask, values, offsets, rank)
+    return x.new_empty((*x.shape[:-1], mask.shape[0]))
+
+
+@torch.library.register_fake("lori::sparse_delta_backward")
+def _sparse_delta_backward_fake(grad_y, x, mask, values, offsets, rank, seed, distribution,
+                                scale, need_x, need_values):
+    _check_delta_fake(x, mask, values, offsets, rank)
+    torch._check(grad_y.shape == (*x.shape[:-1], mask.shape[0]),
+                 lambda: "sparse_delta_backward: grad_y shape mismatch")
+    gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+    gv = values.new_empty(values.shape) if need_values else values.new_empty((0,))
+    return gx, gv
+
+
+@torch.library.register_fake("lori::random_a")
+def _random_a_fake(seed, rank, in_features, distribution="rademacher", col_start=0, col_end=-1,
+                   *, dtype=None, device=None):
+    end = in_features if col_end < 0 else col_end
+    return torch.empty((rank, end - col_start), dtype=dtype or torch.float32,
+                       device=device or "cpu")
+
+
+@torch.library.register_fake("lori::_random_a_fill")
+def _random_a_fill_fake(out, seed, in_features, col_start, distribution):
+    return None
+
+
+@torch.library.register_fake("lori::philox4x32_10")
+def _philox_fake(counters, seed):
+    return torch.empty_like(counters)
+
+
+# ---- autograd: gradients for x and B's packed values; A is frozen ---------------------------
+
+def _delta_setup_context(ctx, inputs, output):
+    x, mask, values, offsets, rank, seed, distribution, scale = inputs
+    ctx.save_for_backward(x, mask, values, offsets)
+    ctx.args = (rank, seed, distribution, scale)
+
+
+def _delta_backward(ctx, grad_y):
+    x, mask, values, offsets = ctx.saved_tensors
+    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if not (need_x or need_values):
+        return (None,) * 8
+    gx, gv = _ops.sparse_delta_backward(grad_y.contiguous(), x, mask, values, offsets, *ctx.args,
+                                        need_x, need_values)
+    return (gx if need_x else None, None, gv if need_values else None, None, None, None, None,
+            None)
+
+
+torch.library.register_autograd("lori::sparse_delta", _delta_backward,
+                                setup_context=_delta_setup_context)
+
+
+# ---- typed public wrappers --------------------------------------------------------------------
+
+def random_a(seed: int, rank: int, in_features: int, *, distribution: str = spec.DEFAULT_DISTRIBUTION,
+             dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+             columns: tuple[int, int] | None = None) -> torch.Tensor:
+    """Materialize A (rank, in_features), or its column slice A[:, c0:c1] with columns=(c0, c1),
+    from a 64-bit seed, bit-identically on every backend (docs/spec_a.md).
+
+    A's entries are fp32 values rounded once (round-to-nearest-even) to `dtype`.
+    """
+    seed_i64 = spec.check_seed(seed)
+    spec.check_distribution(distribution)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    c0, c1 = (0, in_features) if columns is None else columns
+    if not 0 <= c0 <= c1 <= in_features:
+        raise ValueError(f"columns must satisfy 0 <= c0 <= c1 <= in_features={in_features}, "
+                         f"got {columns!r}")
+    return _ops.random_a(seed_i64, rank, in_features, distribution, c0, c1, dtype=dtype,
+                         device=torch.device(device))
+
+
+def sparse_delta(x: torch.Tensor, b: PackedB, *, seed: int,
+                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0) -> torch.Tensor:
+    """LoRI delta: y = scale * (x @ A^T) @ B^T, x of shape (..., in_features).
+
+    A (b.rank, in_features) is regenerated inside the kernel from (seed, distribution) and never
+    materialized beyond a tile; B (out_features, rank) is read in its bitmask form. Gradients
+    flow to x and to b.values (only the pattern's entries); A gets none.
+    """
+    if not isinstance(b, PackedB):
+        raise TypeError(f"b must be a PackedB (see lori_kernels.pack_bitmask), got {type(b).__name__}")
+    seed_i64 = spec.check_seed(seed)
+    spec.check_distribution(distribution)
+    return _ops.sparse_delta(x, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
+                             float(scale))

@@ -1,0 +1,1 @@
+"""Triton backend (see issue: CUDA and Triton backends)."""
