@@ -4,13 +4,13 @@ Ops are registered under torch.ops.lori (see README's op table); this package ad
 wrappers, the B packing helpers and the specs' constants.
 """
 from . import spec
-from .ops import random_a, sparse_delta
+from .ops import merge_delta_, random_a, sparse_delta
 from .packing import PackedB, pack_bitmask, unpack_bitmask
 from .spec import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, layer_seed
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "PackedB", "layer_seed", "pack_bitmask",
+    "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "PackedB", "layer_seed", "merge_delta_", "pack_bitmask",
     "random_a", "sparse_delta", "spec", "unpack_bitmask",
 ]

@@ -24,6 +24,9 @@ _ops = torch.ops.lori
 
 def _check_delta_fake(x, mask, values, offsets, rank):
     torch._check(x.dim() >= 1, lambda: "sparse_delta: x must have at least 1 dimension")
+    for name, t in (("mask", mask), ("values", values), ("offsets", offsets)):
+        torch._check(t.device == x.device,
+                     lambda: f"sparse_delta: {name} is on {t.device} but x is on {x.device}")
     torch._check(1 <= rank <= spec.MAX_RANK, lambda: f"sparse_delta: rank out of range: {rank}")
     torch._check(mask.dim() == 2 and mask.shape[1] == spec.mask_words(rank),
                  lambda: "sparse_delta: mask must have shape (out_features, ceil(rank/32))")
@@ -131,3 +134,24 @@ def sparse_delta(x: torch.Tensor, b: PackedB, *, seed: int,
     spec.check_distribution(distribution)
     return _ops.sparse_delta(x, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
                              float(scale))
+
+
+@torch.library.register_fake("lori::merge_delta_")
+def _merge_delta_fake(weight, mask, values, offsets, rank, seed, distribution, scale):
+    torch._check(weight.dim() == 2 and weight.shape[0] == mask.shape[0],
+                 lambda: "merge_delta_: weight must be (out_features, in_features)")
+    return None
+
+
+def merge_delta_(weight: torch.Tensor, b: PackedB, *, seed: int,
+                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0) -> torch.Tensor:
+    """In place: weight (out_features, in_features) += scale * B @ A, A generated per column
+    tile (never whole). Unmerge with -scale. Returns weight."""
+    if not isinstance(b, PackedB):
+        raise TypeError(f"b must be a PackedB, got {type(b).__name__}")
+    seed_i64 = spec.check_seed(seed)
+    spec.check_distribution(distribution)
+    with torch.no_grad():
+        _ops.merge_delta_(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
+                          float(scale))
+    return weight

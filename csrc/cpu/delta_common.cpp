@@ -36,6 +36,27 @@ void check_bitmask_cpu(const char* op, const at::Tensor& mask, const at::Tensor&
                     " entries but values has ", nnz);
 }
 
+// Dense B (out, rank) in dtype from the (already validated) bitmask form.
+at::Tensor dense_b(const at::Tensor& mask, const at::Tensor& values, int64_t rank,
+                   at::ScalarType dtype) {
+  const at::Tensor m = mask.contiguous();
+  const at::Tensor v = values.to(at::kDouble).contiguous();
+  const int64_t out = m.size(0), words = m.size(1);
+  at::Tensor b = at::zeros({out, rank}, at::TensorOptions().dtype(at::kDouble));
+  const auto* mw = reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>());
+  const double* vp = v.data_ptr<double>();
+  double* bp = b.data_ptr<double>();
+  int64_t p = 0;
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t w = 0; w < words; ++w) {
+      for (uint32_t bits = mw[o * words + w]; bits; bits &= bits - 1) {
+        bp[o * rank + 32 * w + ctz32(bits)] = vp[p++];
+      }
+    }
+  }
+  return b.to(dtype);
+}
+
 at::Tensor values_f32(const at::Tensor& values) {
   return values.scalar_type() == at::kFloat ? values.contiguous()
                                             : values.to(at::kFloat).contiguous();

@@ -30,6 +30,10 @@ at::Tensor values_f32(const at::Tensor& values);
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "agen.h"
 #include "lori/bitmask.h"
 
 namespace lori::cpu {
@@ -63,6 +67,25 @@ void dispatch_io_type(at::ScalarType t, F&& f) {
     default: TORCH_CHECK(false, "lori: no fast CPU kernel for dtype ", t);
   }
 }
+
+// Dense B (out, rank) in dtype from the (already validated) bitmask form.
+at::Tensor dense_b(const at::Tensor& mask, const at::Tensor& values, int64_t rank,
+                   at::ScalarType dtype);
+
+// Calls f(k0, A[:, k0:k0+kt]) for column tiles of A, in dtype.
+template <typename F>
+void for_a_tiles(const DeltaShape& s, at::ScalarType dtype, F&& f) {
+  for (int64_t k0 = 0; k0 < s.in_features; k0 += kGemmTile) {
+    const int64_t kt = std::min(kGemmTile, s.in_features - k0);
+    at::Tensor a = at::empty({s.rank, kt}, at::TensorOptions().dtype(at::kFloat));
+    float* ap = a.data_ptr<float>();
+    at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {
+      gen_a_tile(s.gen, r0, r1, k0, k0 + kt, ap + r0 * kt, kt);
+    });
+    f(k0, kt, a.to(dtype));
+  }
+}
+
 
 // float64 inputs (gradcheck) and CPUs without AVX2 take the generic path: the same tiling
 // of A, with ATen GEMMs and a dense (out x rank) B, computing in float64 for float64 inputs.

@@ -21,41 +21,6 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Dense B (out, rank) in dtype from the (already validated) bitmask form.
-at::Tensor dense_b(const at::Tensor& mask, const at::Tensor& values, int64_t rank,
-                   at::ScalarType dtype) {
-  const at::Tensor m = mask.contiguous();
-  const at::Tensor v = values.to(at::kDouble).contiguous();
-  const int64_t out = m.size(0), words = m.size(1);
-  at::Tensor b = at::zeros({out, rank}, at::TensorOptions().dtype(at::kDouble));
-  const auto* mw = reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>());
-  const double* vp = v.data_ptr<double>();
-  double* bp = b.data_ptr<double>();
-  int64_t p = 0;
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t w = 0; w < words; ++w) {
-      for (uint32_t bits = mw[o * words + w]; bits; bits &= bits - 1) {
-        bp[o * rank + 32 * w + ctz32(bits)] = vp[p++];
-      }
-    }
-  }
-  return b.to(dtype);
-}
-
-// Calls f(k0, A[:, k0:k0+kt]) for column tiles of A, in dtype.
-template <typename F>
-void for_a_tiles(const DeltaShape& s, at::ScalarType dtype, F&& f) {
-  for (int64_t k0 = 0; k0 < s.in_features; k0 += kGemmTile) {
-    const int64_t kt = std::min(kGemmTile, s.in_features - k0);
-    at::Tensor a = at::empty({s.rank, kt}, at::TensorOptions().dtype(at::kFloat));
-    float* ap = a.data_ptr<float>();
-    at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {
-      gen_a_tile(s.gen, r0, r1, k0, k0 + kt, ap + r0 * kt, kt);
-    });
-    f(k0, kt, a.to(dtype));
-  }
-}
-
 at::Tensor h_generic(const at::Tensor& xa, const DeltaShape& s) {
   at::Tensor h = at::zeros({xa.size(0), s.rank}, xa.options());
   for_a_tiles(s, xa.scalar_type(), [&](int64_t k0, int64_t kt, const at::Tensor& a) {

@@ -1,0 +1,41 @@
+// CPU merge_delta_: weight (out, in) += scale * B @ A, in place, A generated per column tile.
+// Used by LoRI merge (scale) and unmerge (-scale). Computes in fp32 (float64 for float64
+// weights) and rounds into the weight once per element.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "delta_common.h"
+
+namespace lori::cpu {
+namespace {
+
+void merge_delta_cpu(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& values,
+                     const at::Tensor& offsets, int64_t rank, int64_t seed,
+                     c10::string_view distribution, double scale) {
+  const char* op = "merge_delta_";
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ",
+                    weight.sizes());
+  // x stands in for a (1, in_features) input: the same argument checks as sparse_delta.
+  const at::Tensor x_like = at::empty({0, weight.size(1)}, weight.options());
+  const DeltaShape s = check_sparse_delta_args(op, x_like, mask, values, offsets, rank, seed,
+                                               distribution);
+  TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),
+                    " rows but mask has out_features = ", s.out_features);
+  check_bitmask_cpu(op, mask, offsets, rank, values.numel());
+  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor b = dense_b(mask, values, rank, acc).mul_(scale);  // (out, rank)
+  for_a_tiles(s, acc, [&](int64_t k0, int64_t kt, const at::Tensor& a) {
+    at::Tensor w = weight.narrow(1, k0, kt);
+    if (w.scalar_type() == acc) {
+      w.addmm_(b, a);
+    } else {
+      w.copy_(at::addmm(w.to(acc), b, a));
+    }
+  });
+}
+
+}  // namespace
+}  // namespace lori::cpu
+
+TORCH_LIBRARY_IMPL(lori, CPU, m) { m.impl("merge_delta_", &lori::cpu::merge_delta_cpu); }

@@ -1,0 +1,145 @@
+// Device helpers shared by the CUDA kernels: dtype conversion, A tiles from the seed, B chunk
+// decoding. The RNG and bit logic themselves come from the host+device headers in
+// csrc/include/lori, so the CPU build tests the same lines.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+
+#include "kernels.cuh"
+#include "lori/bitmask.h"
+#include "lori/philox.h"
+
+namespace lori::cuda {
+
+constexpr int kThreads = 256;  // every tile kernel runs 256 threads
+constexpr int kRGroup = 32;    // rows of A (= ranks) per shared-memory tile: one mask word
+constexpr int kAColTile = 64;  // columns of A per shared-memory tile (half a Rademacher block)
+
+template <typename T>
+__device__ __forceinline__ T to_acc_t(float v) { return static_cast<T>(v); }
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
+  return static_cast<acc_t>(static_cast<acc_type_t<scalar_t>>(*p));
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t from_acc(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return v;
+  } else {
+    return static_cast<scalar_t>(static_cast<float>(v));  // round-to-nearest-even, as .to()
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Mask word w of row o, with bits >= rank cleared (a corrupt mask cannot index past rank).
+__device__ __forceinline__ uint32_t mask_word(const BMask& b, int64_t o, int w) {
+  const uint32_t m = __ldg(b.mask + o * b.words + w);
+  return w == b.words - 1 ? (m & last_word_valid_bits(b.rank)) : m;
+}
+
+// Valid value-index range of chunk c: [offsets[c], offsets[c+1]) clamped into [0, nnz).
+struct ChunkRange {
+  int64_t lo, hi;
+};
+__device__ __forceinline__ ChunkRange chunk_range(const BMask& b, int64_t c) {
+  int64_t lo = __ldg(b.offsets + c), hi = __ldg(b.offsets + c + 1);
+  lo = lo < 0 ? 0 : (lo > b.nnz ? b.nnz : lo);
+  hi = hi < lo ? lo : (hi > b.nnz ? b.nnz : hi);
+  return {lo, hi};
+}
+
+// rs[i] (i in [0, 64]) = entries in rows [row0, row0 + i) of the chunk (exclusive prefix of row
+// popcounts); rows past OUT count 0. Needs >= 64 threads; all threads must call it (it syncs).
+__device__ __forceinline__ void chunk_row_starts(const BMask& b, int64_t c, int* rs) {
+  const int tid = threadIdx.x;
+  if (tid < kRowChunk) {
+    const int64_t o = c * kRowChunk + tid;
+    int cnt = 0;
+    if (o < b.out) {
+      for (int w = 0; w < b.words; ++w) cnt += popcount32(mask_word(b, o, w));
+    }
+    const int lane = tid & 31;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, cnt, d);
+      if (lane >= d) cnt += v;
+    }
+    rs[tid + 1] = cnt;  // inclusive within the warp
+    if (tid == 0) rs[0] = 0;
+  }
+  __syncthreads();
+  if (tid >= 32 && tid < kRowChunk) rs[tid + 1] += rs[32];
+  __syncthreads();
+}
+
+// Decodes rows [row0, row0 + 64) x ranks [32 g, 32 g + 32) of B into bd[i * ld + kk] (acc_t,
+// zero off the pattern). rs from chunk_row_starts. Needs >= 64 threads; caller syncs after.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ void decode_b_chunk(const BMask& b, const scalar_t* values, int64_t c,
+                                               const int* rs, ChunkRange cr, int g, acc_t* bd,
+                                               int ld) {
+  const int tid = threadIdx.x;
+  if (tid >= kRowChunk) return;
+  acc_t* row = bd + tid * ld;
+#pragma unroll
+  for (int kk = 0; kk < kRGroup; ++kk) row[kk] = acc_t(0);
+  const int64_t o = c * kRowChunk + tid;
+  if (o >= b.out || g >= b.words) return;
+  int64_t p = cr.lo + rs[tid];
+  for (int w = 0; w < g; ++w) p += popcount32(mask_word(b, o, w));
+  for (uint32_t bits = mask_word(b, o, g); bits; bits &= bits - 1, ++p) {
+    if (p >= cr.lo && p < cr.hi) row[ctz32(bits)] = load_acc<acc_t>(values + p);
+  }
+}
+
+// Fills as[r * ld + j] (r < 32, j < 64) with A[r0 + r, c0 + j] / mag * g.mag (g.mag = 1: the
+// unit), zero for rows >= rank. c0 must be a multiple of 64. words_s: 32 * 4 uint32 scratch.
+// All threads call it; it syncs before returning.
+template <typename acc_t>
+__device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int64_t c0, acc_t* as,
+                                           int ld, uint32_t* words_s) {
+  const int tid = threadIdx.x;
+  if (g.dist == kRademacher) {
+    if (tid < kRGroup) {
+      const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(c0 >> 7),
+                                static_cast<uint32_t>(r0 + tid));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) words_s[tid * 4 + i] = blk.v[i];
+    }
+    __syncthreads();
+    const int half = static_cast<int>((c0 >> 6) & 1);  // which 64 of the block's 128 bits
+    for (int e = tid; e < kRGroup * kAColTile; e += blockDim.x) {
+      const int r = e / kAColTile, j = e % kAColTile;
+      const uint32_t w = words_s[r * 4 + half * 2 + (j >> 5)];
+      const acc_t v = ((w >> (j & 31)) & 1u) ? acc_t(-g.mag) : acc_t(g.mag);
+      as[r * ld + j] = r0 + r < rank ? v : acc_t(0);
+    }
+  } else {
+    // One Philox block per 4 columns: 32 x 16 blocks per tile.
+    for (int e = tid; e < kRGroup * (kAColTile / 4); e += blockDim.x) {
+      const int r = e / (kAColTile / 4), q = e % (kAColTile / 4);
+      acc_t* dst = as + r * ld + 4 * q;
+      if (r0 + r < rank) {
+        const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>((c0 >> 2) + q),
+                                  static_cast<uint32_t>(r0 + r));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = acc_t(uniform_unit(blk.v[i]) * g.mag);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = acc_t(0);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Throws (through the launcher) on a launch error.
+#define LORI_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+}  // namespace lori::cuda

@@ -1,0 +1,46 @@
+"""Test helpers shared by tests/ and benchmarks/: random B patterns and the tolerance rule."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .packing import PackedB, pack_bitmask
+
+
+def random_packed(out_features: int, rank: int, density: float = 0.1, dtype=torch.float32,
+                  generator: torch.Generator | None = None, mask: str = "random") -> PackedB:
+    """B with a random pattern of the given density (mask='random'), or all-zero/all-one masks.
+    Values on the mask are N(0, 1), so some pattern entries could be anything, including 0."""
+    b = torch.randn(out_features, rank, generator=generator, dtype=torch.float32)
+    if mask == "zeros":
+        m = torch.zeros(out_features, rank, dtype=torch.bool)
+    elif mask == "ones":
+        m = torch.ones(out_features, rank, dtype=torch.bool)
+    else:
+        m = torch.rand(out_features, rank, generator=generator) < density
+    return pack_bitmask(b.to(dtype), mask=m)
+
+
+def tolerance_bound(ref64: torch.Tensor, baseline: torch.Tensor) -> float:
+    """STYLE.md's rule: a kernel may err vs the float64 reference by at most
+    2 x (plain torch's error in the same dtype) + 4 eps(dtype) max|ref|."""
+    base_err = (baseline.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    return 2.0 * base_err + 4.0 * torch.finfo(baseline.dtype).eps * scale + 1e-30
+
+
+def assert_within_rule(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor,
+                       what: str = "") -> None:
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref64).abs().max().item()
+    bound = tolerance_bound(ref64, baseline)
+    assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def dense_lora_baseline(x: torch.Tensor, b: PackedB, seed: int, distribution: str,
+                        scale: float) -> torch.Tensor:
+    """Plain torch in x's dtype, A and B dense: the error yardstick of the tolerance rule."""
+    a = reference.random_a(seed, b.rank, x.shape[-1], distribution, dtype=x.dtype)
+    return reference.dense_lora(x, a, b.to_dense().to(x.dtype), scale)

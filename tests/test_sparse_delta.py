@@ -1,0 +1,328 @@
+"""sparse_delta and its backward on CPU against the pure-PyTorch reference."""
+import pytest
+import torch
+
+import lori_kernels as L
+from lori_kernels import reference, spec
+from lori_kernels.testing import assert_within_rule, dense_lora_baseline, random_packed
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DISTS = ["rademacher", "uniform"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_forward(x, b, seed, dist, scale, what=""):
+    y = L.sparse_delta(x, b, seed=seed, distribution=dist, scale=scale)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], b.out_features)
+    ref = reference.sparse_delta(x, b.to_dense(), seed, dist, scale)
+    assert_within_rule(y, ref, dense_lora_baseline(x, b, seed, dist, scale), what)
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("T", [0, 1, 7, 16, 17, 513])
+def test_forward_tokens(dtype, dist, T):
+    g = _gen(T)
+    x = torch.randn(T, 341, generator=g).to(dtype)
+    b = random_packed(129, 32, generator=g, dtype=dtype)
+    _check_forward(x, b, 1234, dist, 2.0, f"T={T}")
+
+
+@pytest.mark.parametrize("rank", [1, 2, 31, 32, 33, 64, 100, 128])
+@pytest.mark.parametrize("in_out", [(1, 1), (7, 9), (129, 65), (341, 77)])
+def test_forward_shapes_and_ranks(rank, in_out):
+    inp, out = in_out
+    g = _gen(rank * 7 + inp)
+    for T in (1, 9, 40):
+        x = torch.randn(T, inp, generator=g)
+        b = random_packed(out, rank, density=0.2, generator=g)
+        _check_forward(x, b, rank + inp, "rademacher", 0.5, f"rank={rank} in/out={in_out} T={T}")
+
+
+@pytest.mark.parametrize("mask", ["zeros", "ones"])
+@pytest.mark.parametrize("T", [1, 33])
+def test_forward_all_zero_and_all_one_masks(mask, T):
+    g = _gen(5)
+    x = torch.randn(T, 200, generator=g)
+    b = random_packed(70, 40, generator=g, mask=mask)
+    y = _check_forward(x, b, 9, "uniform", 1.0)
+    if mask == "zeros":
+        assert torch.count_nonzero(y) == 0
+
+
+def test_forward_many_seeds():
+    g = _gen(0)
+    x = torch.randn(3, 100, generator=g)
+    b = random_packed(50, 16, density=0.5, generator=g)
+    outs = []
+    for seed in [0, 1, 2**32, 2**63, 2**64 - 1, 123456789]:
+        outs.append(_check_forward(x, b, seed, "rademacher", 1.0))
+    assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("T", [5, 40])
+def test_forward_noncontiguous_and_3d(T):
+    g = _gen(T)
+    big = torch.randn(2, T, 2 * 300, generator=g)
+    x = big[..., ::2]                       # non-contiguous, 3-D
+    assert not x.is_contiguous()
+    b = random_packed(90, 24, generator=g)
+    y = _check_forward(x, b, 3, "rademacher", 1.5)
+    y2 = L.sparse_delta(x.contiguous().reshape(-1, 300), b, seed=3, scale=1.5)
+    assert torch.equal(y.reshape(-1, 90), y2)
+    xt = torch.randn(300, T, generator=g).t()   # transposed view
+    _check_forward(xt, b, 3, "uniform", 1.0)
+
+
+def test_forward_1d_input():
+    x = torch.randn(64)
+    b = random_packed(10, 8, generator=_gen(0))
+    y = _check_forward(x, b, 1, "rademacher", 1.0)
+    assert y.shape == (10,)
+
+
+def test_deterministic():
+    g = _gen(1)
+    x = torch.randn(300, 512, generator=g)
+    b = random_packed(256, 32, generator=g)
+    y1 = L.sparse_delta(x, b, seed=1)
+    y2 = L.sparse_delta(x, b, seed=1)
+    assert torch.equal(y1, y2)
+
+
+# ---- backward -------------------------------------------------------------------------------
+
+def _ref_grads(x, b, seed, dist, scale, gy):
+    """Autograd of the float64 reference, w.r.t. x and the packed values."""
+    x64 = x.detach().double().requires_grad_()
+    v64 = b.values.detach().double().requires_grad_()
+    dense = torch.zeros(b.out_features, b.rank, dtype=torch.float64)
+    dense = dense.masked_scatter(b.bool_mask(), v64)
+    y = reference.sparse_delta(x64, dense, seed, dist, scale)
+    y.backward(gy.double())
+    return x64.grad, v64.grad
+
+
+def _baseline_grads(x, b, seed, dist, scale, gy):
+    """Plain torch in x's dtype (the tolerance yardstick)."""
+    xd = x.detach().clone().requires_grad_()
+    vd = b.values.detach().clone().requires_grad_()
+    dense = torch.zeros(b.out_features, b.rank, dtype=x.dtype).masked_scatter(b.bool_mask(), vd)
+    a = reference.random_a(seed, b.rank, x.shape[-1], dist, dtype=x.dtype)
+    reference.dense_lora(xd, a, dense, scale).backward(gy)
+    return xd.grad, vd.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("T", [1, 7, 16, 17, 130])
+def test_backward_against_reference(dtype, dist, T):
+    g = _gen(T + 100)
+    x = torch.randn(T, 333, generator=g).to(dtype).requires_grad_()
+    b = random_packed(131, 33, generator=g, dtype=dtype)
+    values = b.values.clone().requires_grad_()
+    bb = b.with_values(values)
+    y = L.sparse_delta(x, bb, seed=77, distribution=dist, scale=2.0)
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(gy)
+    rgx, rgv = _ref_grads(x, b, 77, dist, 2.0, gy)
+    bgx, bgv = _baseline_grads(x, b, 77, dist, 2.0, gy)
+    assert_within_rule(x.grad, rgx, bgx, "grad_x")
+    assert_within_rule(values.grad, rgv, bgv, "grad_values")
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)])
+def test_backward_needs_input_grad(need):
+    g = _gen(3)
+    x = torch.randn(9, 64, generator=g).requires_grad_(need[0])
+    b = random_packed(40, 8, generator=g)
+    values = b.values.clone().requires_grad_(need[1])
+    L.sparse_delta(x, b.with_values(values), seed=1).sum().backward()
+    assert (x.grad is not None) == need[0]
+    assert (values.grad is not None) == need[1]
+    gx, gv = torch.ops.lori.sparse_delta_backward(
+        torch.ones(9, 40), x.detach(), b.mask, b.values, b.offsets, b.rank, 1, "rademacher", 1.0,
+        need[0], need[1])
+    assert (gx.numel() > 0) == need[0] and (gv.numel() > 0) == need[1]
+
+
+def test_backward_empty_batch():
+    b = random_packed(40, 8, generator=_gen(0))
+    x = torch.randn(0, 64, requires_grad=True)
+    values = b.values.clone().requires_grad_()
+    L.sparse_delta(x, b.with_values(values), seed=1).sum().backward()
+    assert x.grad.shape == (0, 64)
+    assert torch.count_nonzero(values.grad) == 0
+
+
+def test_gradcheck_float64():
+    g = _gen(0)
+    for T, inp, out, rank in [(3, 13, 11, 5), (20, 37, 70, 33)]:
+        x = torch.randn(T, inp, generator=g, dtype=torch.float64, requires_grad=True)
+        b = random_packed(out, rank, density=0.4, generator=g, dtype=torch.float64)
+        v = b.values.clone().requires_grad_()
+        for dist in DISTS:
+            torch.autograd.gradcheck(
+                lambda x, v: torch.ops.lori.sparse_delta(x, b.mask, v, b.offsets, rank, 5, dist, 1.5),
+                (x, v))
+
+
+def test_float64_forward_is_reference_exact():
+    g = _gen(0)
+    x = torch.randn(30, 50, generator=g, dtype=torch.float64)
+    b = random_packed(20, 9, generator=g, dtype=torch.float64)
+    y = L.sparse_delta(x, b, seed=3, scale=2.0)
+    ref = reference.sparse_delta(x, b.to_dense(), 3, "rademacher", 2.0)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+# ---- op machinery ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck(dtype):
+    g = _gen(1)
+    b = random_packed(70, 33, generator=g, dtype=dtype)
+    for T in (1, 20):
+        x = torch.randn(T, 45, generator=g).to(dtype)
+        args = (x, b.mask, b.values, b.offsets, b.rank, 7, "uniform", 1.5)
+        torch.library.opcheck(torch.ops.lori.sparse_delta.default, args)
+        gy = torch.randn(T, 70, generator=g).to(dtype)
+        torch.library.opcheck(torch.ops.lori.sparse_delta_backward.default,
+                              (gy, *args, True, True))
+    xg = torch.randn(4, 45, generator=g).to(dtype).requires_grad_()
+    vg = b.values.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.lori.sparse_delta.default,
+                          (xg, b.mask, vg, b.offsets, b.rank, 7, "rademacher", 1.0))
+
+
+def test_torch_compile_fullgraph():
+    g = _gen(2)
+    b = random_packed(64, 16, generator=g)
+    values = b.values.clone().requires_grad_()
+
+    def f(x, v):
+        y = torch.ops.lori.sparse_delta(x, b.mask, v, b.offsets, 16, 11, "rademacher", 2.0)
+        return torch.nn.functional.gelu(y).sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 48, generator=g, requires_grad=True)
+    out = cf(x, values)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_()
+    v2 = values.detach().clone().requires_grad_()
+    f(x2, v2).backward()
+    torch.testing.assert_close(out, f(x2.detach(), v2.detach()))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(values.grad, v2.grad)
+
+
+def test_torch_compile_inductor():
+    g = _gen(3)
+    b = random_packed(32, 8, generator=g)
+    f = torch.compile(lambda x: L.sparse_delta(x, b, seed=4) * 2, fullgraph=True)
+    x = torch.randn(3, 40, generator=g)
+    torch.testing.assert_close(f(x), L.sparse_delta(x, b, seed=4) * 2)
+
+
+# ---- merge ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_merge_delta_matches_dense(dtype):
+    g = _gen(4)
+    b = random_packed(77, 20, generator=g, dtype=dtype)
+    w = torch.randn(77, 1500, generator=g).to(dtype)
+    w0 = w.clone()
+    L.merge_delta_(w, b, seed=8, distribution="uniform", scale=0.7)
+    ref = w0.double() + 0.7 * b.to_dense().double() @ reference.random_a(8, 20, 1500, "uniform").double()
+    base = w0 + 0.7 * b.to_dense() @ reference.random_a(8, 20, 1500, "uniform", dtype=dtype)
+    assert_within_rule(w, ref, base, "merge")
+    L.merge_delta_(w, b, seed=8, distribution="uniform", scale=-0.7)
+    assert_within_rule(w, w0.double(), base - 0.7 * b.to_dense() @ reference.random_a(
+        8, 20, 1500, "uniform", dtype=dtype), "unmerge")
+
+
+def test_merge_delta_opcheck():
+    g = _gen(5)
+    b = random_packed(30, 8, generator=g)
+    torch.library.opcheck(torch.ops.lori.merge_delta_.default,
+                          (torch.randn(30, 50, generator=g), b.mask, b.values, b.offsets, 8, 1,
+                           "rademacher", 1.0))
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _args(T=3, inp=40, out=20, rank=8, dtype=torch.float32):
+    g = _gen(9)
+    b = random_packed(out, rank, generator=g, dtype=dtype)
+    return [torch.randn(T, inp, generator=g).to(dtype), b.mask, b.values, b.offsets, rank, 1,
+            "rademacher", 1.0]
+
+
+def _call(args):
+    return torch.ops.lori.sparse_delta(*args)
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [
+    (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "x must be float"),
+    (lambda a: a.__setitem__(0, a[0].double()), TypeError, "values dtype"),
+    (lambda a: a.__setitem__(1, a[1].to(torch.int64)), TypeError, "mask must be int32"),
+    (lambda a: a.__setitem__(1, a[1][:, :0]), ValueError, "mask must have shape"),
+    (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "values has"),
+    (lambda a: a.__setitem__(2, a[2].reshape(1, -1)), ValueError, "values must be 1-D"),
+    (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, "offsets must have shape"),
+    (lambda a: a.__setitem__(3, a[3].to(torch.int64)), TypeError, "offsets must be int32"),
+    (lambda a: a.__setitem__(4, 300), ValueError, "rank must be in"),
+    (lambda a: a.__setitem__(4, 0), ValueError, "rank must be in"),
+    (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
+    (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
+    (lambda a: a.__setitem__(0, torch.randn(3, 0)), ValueError, "in_features"),
+    (lambda a: a.__setitem__(0, torch.tensor(1.0)), ValueError, "at least 1 dimension"),
+])
+def test_bad_arguments_raise_clear_errors(mutate, exc, msg):
+    a = _args()
+    mutate(a)
+    with pytest.raises(exc, match=msg):
+        _call(a)
+
+
+def test_corrupt_bitmask_is_caught_not_read_out_of_bounds():
+    a = _args(out=130, rank=40)
+    mask, values, offsets = a[1], a[2], a[3]
+    bad = mask.clone(); bad[0, 0] ^= 1 << 5
+    for m, v, o, msg in [
+        (bad, values, offsets, "offsets"),
+        (mask, values[:-2], offsets, "values has"),
+        (mask, torch.cat([values, values[:3]]), offsets, "values has"),
+        (mask.clone().index_put_((torch.tensor([3]), torch.tensor([1])), torch.tensor(1 << 20, dtype=torch.int32)), values, offsets, "rank"),
+        (mask, values, offsets - 1, "offsets\\[0\\] must be 0"),
+    ]:
+        for op_args in ([a[0], m, v, o, *a[4:]],):
+            with pytest.raises(ValueError, match=msg):
+                _call(op_args)
+            with pytest.raises(ValueError, match=msg):
+                torch.ops.lori.sparse_delta_backward(torch.ones(3, 130), *op_args, True, True)
+
+
+def test_device_mismatch_is_named():
+    a = _args()
+    a[1] = a[1].to("meta")
+    with pytest.raises((RuntimeError, NotImplementedError), match="mask|meta"):
+        _call(a)
+
+
+def test_grad_y_shape_checked():
+    a = _args()
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        torch.ops.lori.sparse_delta_backward(torch.ones(3, 21), *a, True, True)
+
+
+def test_python_wrapper_errors():
+    b = random_packed(10, 4, generator=_gen(0))
+    with pytest.raises(TypeError, match="PackedB"):
+        L.sparse_delta(torch.randn(2, 5), b.to_dense(), seed=1)
+    with pytest.raises(ValueError, match="seed"):
+        L.sparse_delta(torch.randn(2, 5), b, seed=-3)
