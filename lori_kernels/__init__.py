@@ -14,3 +14,11 @@ __all__ = [
     "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "PackedB", "layer_seed", "merge_delta_", "pack_bitmask",
     "random_a", "sparse_delta", "spec", "unpack_bitmask",
 ]
+
+# Module layer and the LoRI workflow (docs/workflow.md).
+from .modules import LoRILinear  # noqa: E402
+from .workflow import (calibrate_masks, combine_adapters, export_peft, import_peft,  # noqa: E402
+                       inject, load_adapter, merge, save_adapter, to_sparse, unmerge)
+
+__all__ += ["LoRILinear", "calibrate_masks", "combine_adapters", "export_peft", "import_peft",
+            "inject", "load_adapter", "merge", "save_adapter", "to_sparse", "unmerge"]

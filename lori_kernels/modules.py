@@ -89,7 +89,8 @@ class LoRIAdapter(nn.Module):
         self.seed_op = None if seed is None else spec.check_seed(seed)
         if a is not None:
             if tuple(a.shape) != (rank, in_features):
-                raise ValueError(f"explicit A must be ({rank}, {in_features}), got {tuple(a.shape)}")
+                raise ValueError(f"explicit A must be ({rank}, {in_features}), got "
+                                 f"{tuple(a.shape)}")
             self.register_buffer("a", a.detach().clone())
         else:
             self.a = None

@@ -128,6 +128,15 @@ LORI_AVX2 void words_to_floats_avx2(int dist, float mag, const uint32_t* words, 
 
 }  // namespace
 
+void gen_a_words(const AGenParams& g, int64_t r0, int64_t r1, int64_t b0, int64_t nb,
+                 uint32_t* words) {
+  if (has_avx2()) {
+    tile_words_avx2(g, r0, b0, nb, (r1 - r0) * nb, words);
+  } else {
+    tile_words_scalar(g, r0, b0, nb, (r1 - r0) * nb, words);
+  }
+}
+
 void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
                 int64_t ld) {
   if (r1 <= r0 || c1 <= c0) return;

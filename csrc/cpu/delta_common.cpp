@@ -57,6 +57,57 @@ at::Tensor dense_b(const at::Tensor& mask, const at::Tensor& values, int64_t ran
   return b.to(dtype);
 }
 
+namespace {
+
+// kBitPos[byte][i] = position of the i-th set bit of byte (0 past its popcount).
+struct BitPosTable {
+  alignas(32) int32_t pos[256][8];
+  BitPosTable() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int i = 0; i < 8; ++i) pos[b][i] = 0;
+      for (int i = 0; i < 8; ++i) {
+        if (b & (1 << i)) pos[b][n++] = i;
+      }
+    }
+  }
+};
+const BitPosTable kBitPos;
+
+LORI_AVX2 int64_t extract_chunk_avx2(const BView& b, int64_t c, int64_t rank, int64_t nnz,
+                                     int32_t* ks, int32_t* rows) {
+  const int64_t row0 = c * kRowChunk, row1 = std::min(b.out, row0 + kRowChunk);
+  const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
+  if (o0 < 0 || o1 < o0 || o1 > nnz) return -1;
+  const uint32_t last_valid = last_word_valid_bits(static_cast<int>(rank));
+  int64_t n = 0;
+  uint32_t stray = 0;
+  for (int64_t r = row0; r < row1; ++r) {
+    const __m256i rv = _mm256_set1_epi32(static_cast<int>(r - row0));
+    const uint32_t* w = b.mask + r * b.words;
+    stray |= w[b.words - 1] & ~last_valid;
+    for (int64_t q = 0; q < b.words; ++q) {
+      for (int byte = 0; byte < 4; ++byte) {
+        const uint32_t bits = (w[q] >> (8 * byte)) & 0xffu;
+        const __m256i pos = _mm256_add_epi32(
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(kBitPos.pos[bits])),
+            _mm256_set1_epi32(static_cast<int>(32 * q + 8 * byte)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ks + n), pos);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + n), rv);
+        n += __builtin_popcount(bits);
+      }
+    }
+  }
+  return (stray != 0 || n != o1 - o0) ? -1 : n;
+}
+
+}  // namespace
+
+int64_t extract_chunk(const BView& b, int64_t c, int64_t rank, int64_t nnz, int32_t* k,
+                      int32_t* row) {
+  return extract_chunk_avx2(b, c, rank, nnz, k, row);
+}
+
 at::Tensor values_f32(const at::Tensor& values) {
   return values.scalar_type() == at::kFloat ? values.contiguous()
                                             : values.to(at::kFloat).contiguous();
@@ -64,49 +115,87 @@ at::Tensor values_f32(const at::Tensor& values) {
 
 namespace {
 
-// h[t] = sum_j x[t, j] * a[j] for t < T (x rows of length n, stride ldx); out[t] = h[t].
-LORI_AVX2 void dot_rows_avx2(const float* x, int64_t T, int64_t n, int64_t ldx, const float* a,
-                             float* out) {
-  int64_t t = 0;
-  for (; t + 4 <= T; t += 4) {
-    const float *x0 = x + t * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256 av = _mm256_loadu_ps(a + j);
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + j), av, s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + j), av, s1);
-      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + j), av, s2);
-      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + j), av, s3);
-    }
-    float r0 = hsum8(s0), r1 = hsum8(s1), r2 = hsum8(s2), r3 = hsum8(s3);
-    for (; j < n; ++j) {
-      r0 += x0[j] * a[j];
-      r1 += x1[j] * a[j];
-      r2 += x2[j] * a[j];
-      r3 += x3[j] * a[j];
-    }
-    out[t] = r0;
-    out[t + 1] = r1;
-    out[t + 2] = r2;
-    out[t + 3] = r3;
-  }
-  for (; t < T; ++t) {
-    const float* xr = x + t * ldx;
-    __m256 s = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(a + j), s);
-    float r = hsum8(s);
-    for (; j < n; ++j) r += xr[j] * a[j];
-    out[t] = r;
-  }
+// Dot products of x rows with one row of A, h[t] = sum_j x[t, j] a[j], t < T. A is given
+// either as fp32 values (uniform) or as Rademacher sign words + magnitude: the sign variant
+// flips x's sign bits instead of multiplying, so A is never expanded to floats.
+// Single tokens use 4 accumulators (a lone add chain is latency-bound); groups of 4 tokens
+// use one each.
+struct RowA {
+  const float* values = nullptr;    // uniform: n fp32 values
+  const uint32_t* signs = nullptr;  // rademacher: bit j = A[r, j] < 0
+  float magnitude = 1.f;
+};
+
+LORI_AVX2 inline __m256 sign_mask8(uint32_t word, int sub) {
+  // Lane l gets bit (8 sub + l) of word in its sign bit.
+  const __m256i base = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  const __m256i sh = _mm256_sub_epi32(base, _mm256_set1_epi32(8 * sub));
+  return _mm256_castsi256_ps(_mm256_and_si256(
+      _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(word)), sh),
+      _mm256_set1_epi32(static_cast<int>(0x80000000u))));
 }
 
-void dot_rows_scalar(const float* x, int64_t T, int64_t n, int64_t ldx, const float* a,
+template <int NT>
+LORI_AVX2 void dot_group_avx2(const float* x, int64_t n, int64_t ldx, const RowA& a, float* out) {
+  // NT == 1: four accumulators for one token; NT == 4: one accumulator per token.
+  constexpr int NACC = NT == 1 ? 4 : 4;
+  __m256 acc[NACC];
+  for (auto& v : acc) v = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m256 av[4];
+    if (a.signs) {
+      const uint32_t w = a.signs[j >> 5];
+      for (int q = 0; q < 4; ++q) av[q] = sign_mask8(w, q);
+    } else {
+      for (int q = 0; q < 4; ++q) av[q] = _mm256_loadu_ps(a.values + j + 8 * q);
+    }
+    if constexpr (NT == 1) {
+      for (int q = 0; q < 4; ++q) {
+        const __m256 xv = _mm256_loadu_ps(x + j + 8 * q);
+        acc[q] = a.signs ? _mm256_add_ps(acc[q], _mm256_xor_ps(xv, av[q]))
+                         : _mm256_fmadd_ps(xv, av[q], acc[q]);
+      }
+    } else {
+      for (int t = 0; t < NT; ++t) {
+        for (int q = 0; q < 4; ++q) {
+          const __m256 xv = _mm256_loadu_ps(x + t * ldx + j + 8 * q);
+          acc[t] = a.signs ? _mm256_add_ps(acc[t], _mm256_xor_ps(xv, av[q]))
+                           : _mm256_fmadd_ps(xv, av[q], acc[t]);
+        }
+      }
+    }
+  }
+  float r[NT];
+  if constexpr (NT == 1) {
+    r[0] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  } else {
+    for (int t = 0; t < NT; ++t) r[t] = hsum8(acc[t]);
+  }
+  for (; j < n; ++j) {  // tail columns
+    const float aj = a.signs ? (((a.signs[j >> 5] >> (j & 31)) & 1u) ? -1.f : 1.f) : a.values[j];
+    for (int t = 0; t < NT; ++t) r[t] += x[t * ldx + j] * aj;
+  }
+  const float m = a.signs ? a.magnitude : 1.f;
+  for (int t = 0; t < NT; ++t) out[t] = r[t] * m;
+}
+
+LORI_AVX2 void dot_rows_avx2(const float* x, int64_t T, int64_t n, int64_t ldx, const RowA& a,
+                             float* out) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) dot_group_avx2<4>(x + t * ldx, n, ldx, a, out + t);
+  for (; t < T; ++t) dot_group_avx2<1>(x + t * ldx, n, ldx, a, out + t);
+}
+
+void dot_rows_scalar(const float* x, int64_t T, int64_t n, int64_t ldx, const RowA& a,
                      float* out) {
   for (int64_t t = 0; t < T; ++t) {
     float r = 0.f;
-    for (int64_t j = 0; j < n; ++j) r += x[t * ldx + j] * a[j];
+    for (int64_t j = 0; j < n; ++j) {
+      const float aj = a.signs ? (((a.signs[j >> 5] >> (j & 31)) & 1u) ? -a.magnitude : a.magnitude)
+                               : a.values[j];
+      r += x[t * ldx + j] * aj;
+    }
     out[t] = r;
   }
 }
@@ -122,14 +211,25 @@ at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     const float* xp = xf.data_ptr<float>();
     const bool avx2 = has_avx2();
+    const bool signs = s.gen.dist == kRademacher;
+    const int64_t nb = ((in - 1) >> elems_per_block_log2(s.gen.dist)) + 1;
     at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> row(static_cast<size_t>(in));
+      std::vector<float> row(signs ? 0 : static_cast<size_t>(in));
+      std::vector<uint32_t> words(signs ? static_cast<size_t>(4 * nb) : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        gen_a_tile(s.gen, r, r + 1, 0, in, row.data(), in);
-        if (avx2) {
-          dot_rows_avx2(xp, T, in, in, row.data(), h + r * Tp);
+        RowA a;
+        if (signs) {
+          gen_a_words(s.gen, r, r + 1, 0, nb, words.data());
+          a.signs = words.data();
+          a.magnitude = s.gen.magnitude;
         } else {
-          dot_rows_scalar(xp, T, in, in, row.data(), h + r * Tp);
+          gen_a_tile(s.gen, r, r + 1, 0, in, row.data(), in);
+          a.values = row.data();
+        }
+        if (avx2) {
+          dot_rows_avx2(xp, T, in, in, a, h + r * Tp);
+        } else {
+          dot_rows_scalar(xp, T, in, in, a, h + r * Tp);
         }
       }
     });

@@ -57,6 +57,13 @@ inline int64_t chunk_rows(const BView& b, int64_t c, int32_t* starts) {
   return row1 - row0;
 }
 
+// One chunk (<= 64 rows) of B as a flat entry list, extracted without data-dependent
+// branches: entry e (values index offsets[c] + e) sits at row[e] (within the chunk), column
+// k[e]. Buffers need 64 * words * 32 + 8 slots. Returns the entry count, or -1 when the
+// chunk contradicts offsets (or has bits >= rank): then nothing may be read from values.
+int64_t extract_chunk(const BView& b, int64_t c, int64_t rank, int64_t nnz, int32_t* k,
+                      int32_t* row);
+
 // Calls f(scalar_t{}) for the three I/O dtypes of the fast kernels.
 template <typename F>
 void dispatch_io_type(at::ScalarType t, F&& f) {

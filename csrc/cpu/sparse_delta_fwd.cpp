@@ -8,6 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
 #include "delta_common.h"
 #include "lori/bitmask.h"
 #include "simd.h"
@@ -15,36 +19,39 @@
 namespace lori::cpu {
 namespace {
 
+// Rows of y for chunks [c0, c1): for each block of 8 tokens, acc[row] (8 tokens) +=
+// v * hT[k] over the chunk's flat entry list, then 8x8 transposes write 8 outputs per token.
+// Returns the first chunk that failed validation, or -1.
 template <typename scalar_t>
-LORI_AVX2 void apply_b_avx2(const BView& b, const float* hT, int64_t T, int64_t Tp, float scale,
-                            scalar_t* y, int64_t c0, int64_t c1) {
-  int32_t starts[kRowChunk];
+LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const float* hT,
+                               int64_t T, int64_t Tp, float scale, scalar_t* y, int64_t c0,
+                               int64_t c1) {
+  const size_t cap = static_cast<size_t>(kRowChunk * b.words * 32 + 8);
+  std::vector<int32_t> ks(cap), rows(cap);
+  alignas(32) float acc[kRowChunk * 8];
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t nrows = chunk_rows(b, c, starts), row0 = c * kRowChunk;
+    const int64_t n = extract_chunk(b, c, rank, nnz, ks.data(), rows.data());
+    if (n < 0) return c;
+    const int64_t row0 = c * kRowChunk, nrows = std::min(b.out, row0 + kRowChunk) - row0;
+    const float* v = b.values + b.offsets[c];
     for (int64_t tb = 0; tb < Tp; tb += 8) {
+      std::fill(acc, acc + nrows * 8, 0.f);
+      for (int64_t e = 0; e < n; ++e) {
+        float* a = acc + 8 * rows[e];
+        _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(v[e]),
+                                           _mm256_loadu_ps(hT + ks[e] * Tp + tb),
+                                           _mm256_load_ps(a)));
+      }
       const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
       for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
         const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int i = 0; i < no; ++i) {
-          const int64_t o = row0 + i0 + i;
-          const float* v = b.values + starts[i0 + i];
-          for (int64_t w = 0; w < b.words; ++w) {
-            uint32_t bits = b.mask[o * b.words + w];
-            while (bits) {
-              const int64_t k = 32 * w + ctz32(bits);
-              bits &= bits - 1;
-              acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(*v++), _mm256_loadu_ps(hT + k * Tp + tb),
-                                       acc[i]);
-            }
-          }
-        }
-        transpose8x8(acc);
+        __m256 blk[8];
+        for (int i = 0; i < 8; ++i) blk[i] = _mm256_load_ps(acc + 8 * (i0 + i));
+        transpose8x8(blk);
         for (int l = 0; l < nt; ++l) {
           scalar_t* dst = y + (tb + l) * b.out + row0 + i0;
-          const __m256 val = _mm256_mul_ps(acc[l], vscale);
+          const __m256 val = _mm256_mul_ps(blk[l], vscale);
           if (no == 8) {
             store8(dst, val);
           } else {
@@ -54,6 +61,7 @@ LORI_AVX2 void apply_b_avx2(const BView& b, const float* hT, int64_t T, int64_t 
       }
     }
   }
+  return -1;
 }
 
 at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
@@ -61,16 +69,25 @@ at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const a
                             c10::string_view distribution, double scale) {
   const DeltaShape s = check_sparse_delta_args("sparse_delta", x, mask, values, offsets, rank,
                                                seed, distribution);
-  check_bitmask_cpu("sparse_delta", mask, offsets, rank, values.numel());
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out_features;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens, Tp = round_up8(T);
   if (T == 0 || s.out_features == 0) return y;
   const at::Tensor x2 = x.reshape({T, s.in_features});
-  if (use_generic_path(x)) return sparse_delta_generic(x2, mask, values, s, scale).view(out_shape);
-  const at::Tensor hT = compute_hT(x2, s);
+  if (use_generic_path(x)) {
+    check_bitmask_cpu("sparse_delta", mask, offsets, rank, values.numel());
+    return sparse_delta_generic(x2, mask, values, s, scale).view(out_shape);
+  }
   const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
+  // O(1) ends of offsets here; each chunk is checked against the mask inside the kernel
+  // before any of its values are read (the walk needs the popcounts anyway).
+  const int32_t* offp = off.data_ptr<int32_t>();
+  const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
+  TORCH_CHECK_VALUE(offp[0] == 0, "sparse_delta: offsets[0] must be 0, got ", offp[0]);
+  TORCH_CHECK_VALUE(offp[nchunks] == nnz, "sparse_delta: offsets[-1] = ", offp[nchunks],
+                    " entries but values has ", nnz);
+  const at::Tensor hT = compute_hT(x2, s);
   const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
                 off.data_ptr<int32_t>(), s.out_features, s.words};
   const float* h = hT.data_ptr<float>();
@@ -78,9 +95,14 @@ at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const a
   dispatch_io_type(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, num_chunks(s.out_features), 1, [&](int64_t c0, int64_t c1) {
-      apply_b_avx2<scalar_t>(b, h, T, Tp, sc, yp, c0, c1);
+    std::atomic<int64_t> bad{-1};
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t c = apply_b_avx2<scalar_t>(b, rank, nnz, h, T, Tp, sc, yp, c0, c1);
+      if (c >= 0) bad.store(c);
     });
+    if (bad.load() >= 0) check_bitmask_cpu("sparse_delta", mask, offsets, rank, nnz);  // names it
+    TORCH_CHECK_VALUE(bad.load() < 0, "sparse_delta: mask and offsets disagree in chunk ",
+                      bad.load());
   });
   return y;
 }

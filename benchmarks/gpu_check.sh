@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU check (`make gpu-check`): on a machine with an NVIDIA GPU, build lori_kernels._C with
+# the CUDA sources for the present GPU, run the CUDA (and Triton, if present) tests on the GPU,
+# then benchmark sparse_delta against dense cuBLAS LoRA and write one JSON file.
+#
+#   bash benchmarks/gpu_check.sh [RESULT_JSON]      (default benchmarks/results/gpu_check.json)
+#
+# Environment: PYTHON (interpreter with a CUDA torch; default: .venv/bin/python if it has one,
+# else python3), TORCH_CUDA_ARCH_LIST (default: the present GPU's capability), MAX_JOBS
+# (default: nproc), LORI_GPU_CHECK_TEST_TIMEOUT (seconds for the tests, default 240),
+# LORI_GPU_CHECK_SKIP_BUILD=1 (reuse an existing in-place build). When $OUT is set (the device
+# tool's output folder) the JSON and the logs are copied there too.
+# Designed to finish within 8 minutes on an H200, build included. Exit status: 0 when the
+# build, the tests and the benchmark all passed; 1 otherwise (the JSON is written regardless,
+# as far as the run got).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+t_start=$(date +%s)
+result=${1:-benchmarks/results/gpu_check.json}
+mkdir -p "$(dirname "$result")"
+logdir=$(dirname "$result")
+build_log="$logdir/gpu_check_build.log"
+test_log="$logdir/gpu_check_tests.log"
+status=0
+
+say() { echo "[gpu-check $(( $(date +%s) - t_start ))s] $*"; }
+
+copy_out() {
+  if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+    for f in "$result" "$build_log" "$test_log"; do
+      [ -f "$f" ] && cp -f "$f" "$OUT/" 2>/dev/null
+    done
+  fi
+  return 0
+}
+trap copy_out EXIT
+
+# ---- interpreter ------------------------------------------------------------------------------------
+has_cuda_torch() { "$1" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; }
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+elif [ -x .venv/bin/python ] && has_cuda_torch .venv/bin/python; then
+  py=.venv/bin/python
+else
+  py=python3
+fi
+if ! has_cuda_torch "$py"; then
+  say "FAIL: $py has no CUDA build of torch"
+  exit 1
+fi
+if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  say "FAIL: torch sees no CUDA device (nvidia-smi: $(nvidia-smi -L 2>&1 | head -1))"
+  exit 1
+fi
+gpu=$("$py" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")')
+cap=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')
+say "python: $py ($("$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'))"
+say "gpu: $gpu"
+
+# ---- build --------------------------------------------------------------------------------------------
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+build_s=0
+if [ "${LORI_GPU_CHECK_SKIP_BUILD:-0}" = "1" ] && ls lori_kernels/_C*.so >/dev/null 2>&1; then
+  say "build: skipped (LORI_GPU_CHECK_SKIP_BUILD=1)"
+else
+  say "build: LORI_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS (log: $build_log)"
+  b0=$(date +%s)
+  # Incremental: ninja recompiles what changed, and everything when the torch (its include
+  # paths, hence the compile commands) differs from the one that built build/.
+  if ! LORI_BUILD_CUDA=1 "$py" setup.py build_ext --inplace >"$build_log" 2>&1; then
+    build_s=$(( $(date +%s) - b0 ))
+    tail -40 "$build_log"
+    say "FAIL: build failed after ${build_s}s"
+    "$py" benchmarks/gpu_check.py --out "$result" --build-seconds "$build_s" --build-failed || true
+    exit 1
+  fi
+  build_s=$(( $(date +%s) - b0 ))
+  warnings=$(grep -ci "warning" "$build_log" || true)
+  say "build: ok in ${build_s}s ($warnings lines mentioning 'warning')"
+fi
+
+# ---- tests on the GPU ---------------------------------------------------------------------------------
+unset TRITON_INTERPRET
+tests=(tests/test_cuda.py)
+[ -f tests/test_triton.py ] && tests+=(tests/test_triton.py)
+say "tests: ${tests[*]} (log: $test_log)"
+PYTHONUNBUFFERED=1 timeout "${LORI_GPU_CHECK_TEST_TIMEOUT:-240}" \
+  "$py" -m pytest -q -ra -p no:cacheprovider "${tests[@]}" >"$test_log" 2>&1
+tests_rc=$?
+tail -25 "$test_log"
+if [ "$tests_rc" -ne 0 ]; then
+  status=1
+  say "tests: FAILED (rc=$tests_rc; 124 = timed out)"
+else
+  say "tests: passed"
+fi
+
+# ---- benchmark -------------------------------------------------------------------------------------------
+say "benchmark -> $result"
+if ! PYTHONUNBUFFERED=1 "$py" benchmarks/gpu_check.py --out "$result" --build-seconds "$build_s" \
+    --tests-rc "$tests_rc" --tests-log "$test_log"; then
+  status=1
+  say "benchmark: FAILED"
+fi
+say "done (status $status)"
+exit "$status"

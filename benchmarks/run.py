@@ -1,0 +1,126 @@
+"""The benchmark suite: `python -m benchmarks.run [--quick]` (what `make bench` runs).
+
+Writes benchmarks/results/latest.json (all numbers + machine), latest.csv, report.md, and
+refreshes the table between the bench markers in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+from . import bench_sparse_delta as bsd
+from .harness import machine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def run(quick: bool) -> dict:
+    tokens = [1, 16, 256] if quick else [1, 16, 256, 2048]
+    rows = []
+    for dname, dtype in DTYPES.items():
+        for inp, out in [(4096, 4096), (4096, 14336)]:
+            for T in tokens:
+                if out == 14336 and T == 2048 and dname == "bf16":
+                    continue  # dense bf16 at this size takes seconds per call here
+                dists = ("rademacher", "uniform") if (T in (1, 256) and out == 4096) else ("rademacher",)
+                t0 = time.time()
+                res = bsd.forward_cases(T, inp, out, 32, dtype, dists)
+                for prov, r in res.items():
+                    rows.append({"bench": "forward", "dtype": dname, "T": T, "in": inp, "out": out,
+                                 "rank": 32, "provider": prov, **r})
+                log(f"forward {dname} T={T} {inp}x{out}: " + ", ".join(
+                    f"{k} {v['median_us']:.0f}us" for k, v in res.items()) + f" ({time.time()-t0:.1f}s)")
+    for dname, dtype in DTYPES.items():
+        for T in tokens:
+            t0 = time.time()
+            res = bsd.fwd_bwd_cases(T, 4096, 4096, 32, dtype)
+            for prov, r in res.items():
+                rows.append({"bench": "fwd+bwd", "dtype": dname, "T": T, "in": 4096, "out": 4096,
+                             "rank": 32, "provider": prov, **r})
+            log(f"fwd+bwd {dname} T={T}: " + ", ".join(
+                f"{k} {v['median_us']:.0f}us" for k, v in res.items()) + f" ({time.time()-t0:.1f}s)")
+    agen = bsd.a_generation()
+    log("A generation: " + ", ".join(f"{k} {v['elements_per_s']/1e9:.2f} Gelem/s" for k, v in agen.items()))
+    sizes = bsd.adapter_bytes()
+    return {"machine": machine(), "rows": rows, "a_generation": agen, "adapter_bytes": sizes}
+
+
+def ratios(rows):
+    """(bench, dtype, T, in, out) -> {provider: median / dense median}."""
+    out = {}
+    for r in rows:
+        key = (r["bench"], r["dtype"], r["T"], r["in"], r["out"])
+        out.setdefault(key, {})[r["provider"]] = r["median_us"]
+    return {k: {p: v / d["dense_lora"] for p, v in d.items() if p != "dense_lora"} | {"_dense": d["dense_lora"], "_ours": d}
+            for k, d in out.items() if "dense_lora" in d}
+
+
+def report(data) -> str:
+    m = data["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+             f"git {m['git']}, {m['date']}. Medians of interleaved runs; ratio = ours / dense LoRA "
+             "(two F.linear calls, same dtype) measured in the same run.", "",
+             "| pass | dtype | T | in x out | dense LoRA (us) | LoRI rademacher (us) | ratio | LoRI uniform (us) | ratio |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for (bench, dt, T, inp, out), r in ratios(data["rows"]).items():
+        o = r["_ours"]
+        uni = (f"{o['lori_uniform']:.0f} | {r['lori_uniform']:.3f}" if "lori_uniform" in o else "- | -")
+        lines.append(f"| {bench} | {dt} | {T} | {inp}x{out} | {r['_dense']:.0f} | "
+                     f"{o['lori_rademacher']:.0f} | {r['lori_rademacher']:.3f} | {uni} |")
+    lines += ["", "| A generation (32 x 4096, fp32) | elements/s | median (us) |", "|---|---:|---:|"]
+    for d, v in data["a_generation"].items():
+        lines.append(f"| {d} | {v['elements_per_s']/1e9:.2f} G | {v['median_us']:.0f} |")
+    lines += ["", "| adapter layer 4096x4096, rank 32, 90% sparse | bytes | vs dense bf16 LoRA A+B |",
+              "|---|---:|---:|"]
+    for s in data["adapter_bytes"]:
+        lines.append(f"| LoRI, {s['values_dtype']} values (mask {s['mask_bytes']} + values "
+                     f"{s['values_bytes']} + offsets {s['offsets_bytes']}) | {s['ours_bytes']} | {s['ratio']:.3f} |")
+    lines.append(f"| dense bf16 LoRA (A + B) | {data['adapter_bytes'][0]['dense_bf16_lora_bytes']} | 1 |")
+    return "\n".join(lines) + "\n"
+
+
+def write(data):
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(RESULTS, "latest.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(data["rows"][0].keys()))
+        w.writeheader()
+        w.writerows(data["rows"])
+    md = report(data)
+    with open(os.path.join(RESULTS, "report.md"), "w") as f:
+        f.write("# Benchmark report (CPU)\n\nWritten by `make bench` (python -m benchmarks.run).\n\n" + md)
+    if os.path.exists(README):
+        text = open(README).read()
+        new = re.sub(r"(<!-- bench:begin -->\n).*?(<!-- bench:end -->)",
+                     lambda mm: mm.group(1) + md + mm.group(2), text, flags=re.S)
+        if new != text:
+            open(README, "w").write(new)
+    return md
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="skip T=2048 (a smoke run)")
+    args = ap.parse_args(argv)
+    data = run(args.quick)
+    print(write(data))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Mask calibration (end of LoRI-D) and the switch to LoRI-S.
+
+LoRI's rule: over all lora_B of all layers and projections, keep the top k = (1 - s) N
+magnitudes, i.e. the entries with |B| >= threshold where threshold is the k-th largest |B|
+(ties at the threshold are kept, so a group may keep slightly more than k).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..modules import DEFAULT_ADAPTER
+from .inject import lori_layers, progress_bar
+
+SCOPES = ("global", "layer", "projection", "matrix")
+INITS = ("zero", "keep")
+_PROGRESS_MIN_LAYERS = 64
+
+
+def _group_key(name: str, scope: str) -> str:
+    if scope == "global":
+        return ""
+    if scope == "matrix":
+        return name
+    if scope == "projection":  # e.g. all q_proj across blocks
+        return name.rsplit(".", 1)[-1]
+    m = re.search(r"^(.*?\.\d+)(\.|$)", name)  # "layer": the first numbered block in the name
+    return m.group(1) if m else name
+
+
+def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.kthvalue(x, x.numel() - k + 1).values
+
+
+@torch.no_grad()
+def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "global", *,
+                    adapter_name: str = DEFAULT_ADAPTER, init: str = "zero", apply: bool = True,
+                    progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Masks {layer name: bool (out, rank)} from |B| of `adapter_name` (after LoRI-D).
+
+    scope: "global" (one threshold over all adapted layers, as LoRI does), "layer" (per
+    numbered block, e.g. model.layers.3), "projection" (per module name, e.g. all q_proj), or
+    "matrix" (per B). With apply=True the adapter switches to LoRI-S: init="zero" re-initialises
+    B to zero on the mask (LoRI), init="keep" keeps the LoRI-D values there. A is unchanged.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    layers = {n: l for n, l in lori_layers(model).items() if adapter_name in l.adapters}
+    if not layers:
+        raise ValueError(f"no LoRI layer has an adapter {adapter_name!r}")
+    for n, l in layers.items():
+        if l.adapters[adapter_name].phase != "dense":
+            raise ValueError(f"{n}: adapter {adapter_name!r} is already sparse (calibrate after "
+                             "LoRI-D)")
+    show = len(layers) >= _PROGRESS_MIN_LAYERS if progress is None else progress
+    groups: dict[str, list[str]] = defaultdict(list)
+    for n in layers:
+        groups[_group_key(n, scope)].append(n)
+    masks = {}
+    for members in progress_bar(groups.values(), desc=f"calibrate ({scope})", disable=not show,
+                        unit="group"):
+        mags = [layers[n].adapters[adapter_name].dense_b().float().abs() for n in members]
+        flat = torch.cat([m.flatten() for m in mags])
+        if not flat.any():
+            warnings.warn(f"calibrate_masks: B is all zeros in {members[:3]}...: was LoRI-D "
+                          "trained? the mask keeps everything there", stacklevel=2)
+        k = max(1, int((1.0 - sparsity) * flat.numel()))
+        threshold = _kth_largest(flat, k)
+        for n, m in zip(members, mags):
+            masks[n] = m >= threshold
+    if apply:
+        to_sparse(model, masks, adapter_name=adapter_name, init=init)
+    return masks
+
+
+@torch.no_grad()
+def to_sparse(model: nn.Module, masks: dict[str, torch.Tensor], *,
+              adapter_name: str = DEFAULT_ADAPTER, init: str = "zero") -> None:
+    """Switch `adapter_name` to LoRI-S on the given masks (see calibrate_masks). The values
+    Parameters are replaced: build the optimizer afterwards."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    layers = lori_layers(model)
+    missing = [n for n in masks if n not in layers or adapter_name not in layers[n].adapters]
+    if missing:
+        raise KeyError(f"masks for layers without adapter {adapter_name!r}: {missing[:5]}")
+    for n, mask in masks.items():
+        ad = layers[n].adapters[adapter_name]
+        ad.set_pattern(mask, ad.dense_b() if init == "keep" else None, phase="sparse")

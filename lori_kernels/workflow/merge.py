@@ -1,0 +1,66 @@
+"""Merging adapters into the base weights and combining several adapters (PEFT's cat/linear)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from torch import nn
+
+from .inject import lori_layers, progress_bar
+
+COMBINATIONS = ("cat", "linear")
+
+
+def merge(model: nn.Module, progress: bool = False) -> nn.Module:
+    """Fold every LoRI layer's active combination into its base weight, in place
+    (torch.ops.lori.merge_delta_: A generated per tile, never whole). Forward is then base only."""
+    for layer in progress_bar(list(lori_layers(model).values()), desc="merge",
+                              disable=not progress):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module, progress: bool = False) -> nn.Module:
+    """Undo merge() (exact up to rounding in the weight's dtype)."""
+    for layer in progress_bar(list(lori_layers(model).values()), desc="unmerge",
+                              disable=not progress):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], *,
+                     combination: str = "cat", merge_into_base: bool = False) -> nn.Module:
+    """Make a weighted combination of adapters the active one on every LoRI layer.
+
+    "cat" (PEFT's cat, exact): delta = sum_i w_i s_i B_i A_i.
+    "linear" (PEFT's linear; ranks must match): A' = sum_j sign(w_j) sqrt|w_j s_j| A_j,
+    B' = sum_i sqrt|w_i s_i| B_i, scale 1, so delta = B' A' has cross terms B_i A_j. Kept as
+    the n^2 terms (B_i with A_j's seed), so no A is ever materialised.
+    Layers lacking some adapter combine the ones they have. With merge_into_base the result is
+    merged into the base weights (unmerge() takes it out again); otherwise it is kept as a
+    multi-adapter set evaluated in the forward pass.
+    """
+    if combination not in COMBINATIONS:
+        raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError("need one weight per adapter, and at least one adapter")
+    for name, layer in lori_layers(model).items():
+        present = [(n, float(w)) for n, w in zip(adapters, weights) if n in layer.adapters]
+        if not present:
+            layer.set_terms(())
+            continue
+        s = {n: layer.adapters[n].scale for n, _ in present}
+        if combination == "cat":
+            terms = [(n, n, w * s[n]) for n, w in present]
+        else:
+            ranks = {layer.adapters[n].rank for n, _ in present}
+            if len(ranks) != 1:
+                raise ValueError(f"{name}: 'linear' needs equal ranks, got {sorted(ranks)}")
+            cb = {n: math.sqrt(abs(w * s[n])) for n, w in present}
+            ca = {n: math.copysign(cb[n], w * s[n]) for n, w in present}
+            terms = [(i, j, cb[i] * ca[j]) for i, _ in present for j, _ in present]
+        layer.set_terms(terms)
+    if merge_into_base:
+        merge(model)
+    return model
