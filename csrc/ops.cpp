@@ -81,6 +81,8 @@ TORCH_LIBRARY(lori, m) {
   m.def(
       "triton_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
       "str distribution) -> ()");
+  // ---- batched multi-adapter ops (issue 4): schemas below this line -------------------
+  // ---- end of batched multi-adapter ops ----------------------------------------------
   // Philox4x32-10 blocks for int32 counters (N, 4) under a 64-bit seed: the spec's RNG
   // exposed for known-answer tests of the shared header.
   m.def("philox4x32_10(Tensor counters, int seed) -> Tensor");
