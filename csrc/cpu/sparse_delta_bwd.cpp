@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "agen.h"
@@ -19,50 +20,55 @@ namespace {
 
 // Over chunks [c0, c1): ghT_part (rank x Tp) += B^T gy^T (unscaled) when non-null, and
 // gv[p] = scale * sum_t gy[t, o] hT[k, t] for every entry p = (o, k) when gv is non-null.
+// Per chunk: the flat entry list once (extract_chunk), then per block of 8 tokens the chunk's
+// gy columns are transposed into token vectors g[row] and every entry does two FMAs.
+// Returns the first chunk that failed validation, or -1.
 template <typename scalar_t>
-LORI_AVX2 void gy_pass_avx2(const BView& b, const scalar_t* gy, int64_t T, int64_t Tp,
-                            const float* hT, float* ghT_part, float* gv, float scale,
-                            int64_t c0, int64_t c1, int64_t rank) {
-  int32_t starts[kRowChunk + 1];
-  std::vector<float> gvacc(gv ? static_cast<size_t>(64 * rank) : 0);  // 8 rows x rank entries x 8 tokens
+LORI_AVX2 int64_t gy_pass_avx2(const BView& b, int64_t rank, int64_t nnz, const scalar_t* gy,
+                               int64_t T, int64_t Tp, const float* hT, float* ghT_part,
+                               float* gv, float scale, int64_t c0, int64_t c1) {
+  const size_t cap = static_cast<size_t>(kRowChunk * b.words * 32 + 8);
+  std::vector<int32_t> ks(cap), rows(cap);
+  std::vector<float> gvacc(gv ? 8 * cap : 0);
+  alignas(32) float g[kRowChunk * 8];
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t nrows = chunk_rows(b, c, starts), row0 = c * kRowChunk;
-    starts[nrows] = b.offsets[c + 1];
-    for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
-      const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
-      const int64_t p0 = starts[i0], ne = starts[i0 + no] - p0;
-      if (ne == 0) continue;
-      if (gv) std::fill(gvacc.begin(), gvacc.begin() + 8 * ne, 0.f);
-      for (int64_t tb = 0; tb < Tp; tb += 8) {
-        const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
-        __m256 g[8];
+    const int64_t n = extract_chunk(b, c, rank, nnz, ks.data(), rows.data());
+    if (n < 0) return c;
+    if (n == 0) continue;
+    const int64_t row0 = c * kRowChunk, nrows = std::min(b.out, row0 + kRowChunk) - row0;
+    const float* v = b.values + b.offsets[c];
+    if (gv) std::fill(gvacc.begin(), gvacc.begin() + 8 * n, 0.f);
+    for (int64_t tb = 0; tb < Tp; tb += 8) {
+      const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
+      for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
+        const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
+        __m256 blk[8];
         for (int l = 0; l < 8; ++l) {
           const scalar_t* src = gy + (tb + l) * b.out + row0 + i0;
-          g[l] = l >= nt ? _mm256_setzero_ps() : (no == 8 ? load8(src) : load_partial(src, no));
+          blk[l] = l >= nt ? _mm256_setzero_ps() : (no == 8 ? load8(src) : load_partial(src, no));
         }
-        transpose8x8(g);  // g[i]: row o_i of gy^T for tokens tb..tb+7
-        int64_t q = 0;
-        for (int i = 0; i < no; ++i) {
-          const int64_t o = row0 + i0 + i;
-          const float* v = b.values + starts[i0 + i];
-          for (int64_t w = 0; w < b.words; ++w) {
-            for (uint32_t bits = b.mask[o * b.words + w]; bits; bits &= bits - 1, ++q, ++v) {
-              const int64_t k = 32 * w + ctz32(bits);
-              if (ghT_part) {
-                float* dst = ghT_part + k * Tp + tb;
-                _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_set1_ps(*v), g[i], _mm256_loadu_ps(dst)));
-              }
-              if (gv) {
-                float* acc = gvacc.data() + 8 * q;
-                _mm256_storeu_ps(acc, _mm256_fmadd_ps(g[i], _mm256_loadu_ps(hT + k * Tp + tb), _mm256_loadu_ps(acc)));
-              }
-            }
-          }
+        transpose8x8(blk);  // blk[i]: gy[tb..tb+7, row0 + i0 + i]
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(g + 8 * (i0 + i), blk[i]);
+      }
+      for (int64_t e = 0; e < n; ++e) {
+        const __m256 ge = _mm256_load_ps(g + 8 * rows[e]);
+        const int64_t kofs = static_cast<int64_t>(ks[e]) * Tp + tb;
+        if (ghT_part) {
+          float* dst = ghT_part + kofs;
+          _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_set1_ps(v[e]), ge, _mm256_loadu_ps(dst)));
+        }
+        if (gv) {
+          float* acc = gvacc.data() + 8 * e;
+          _mm256_storeu_ps(acc, _mm256_fmadd_ps(ge, _mm256_loadu_ps(hT + kofs), _mm256_loadu_ps(acc)));
         }
       }
-      for (int64_t q = 0; gv && q < ne; ++q) gv[p0 + q] = scale * hsum8(_mm256_loadu_ps(gvacc.data() + 8 * q));
+    }
+    if (gv) {
+      float* out = gv + b.offsets[c];
+      for (int64_t e = 0; e < n; ++e) out[e] = scale * hsum8(_mm256_loadu_ps(gvacc.data() + 8 * e));
     }
   }
+  return -1;
 }
 
 // gx[t, c] (T x n, fp32 tile) = sum_k gh[t, k] * a[k, c]; gh is (T, rank) row-major.
@@ -133,7 +139,12 @@ void grad_x_from_gh(const at::Tensor& ghT, const DeltaShape& s, int64_t T, const
     at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
       gen_a_tile(s.gen, r0, r1, k0, k0 + kt, ap + r0 * kt, kt);
     });
-    gx2.narrow(1, k0, kt).copy_(at::mm(gh, a));
+    at::Tensor dst = gx2.narrow(1, k0, kt);
+    if (dst.scalar_type() == at::kFloat) {
+      at::mm_out(dst, gh, a);  // BLAS writes the strided column tile in place
+    } else {
+      dst.copy_(at::mm(gh, a));
+    }
   }
 }
 
@@ -145,14 +156,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
   check_grad_y(op, grad_y, x, s);
-  check_bitmask_cpu(op, mask, offsets, rank, values.numel());
   const int64_t T = s.tokens, Tp = round_up8(T);
-  at::Tensor gx = need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor gv = need_values ? at::zeros_like(values) : at::empty({0}, values.options());
-  if (T == 0 || s.out_features == 0 || (!need_x && !need_values)) return {gx, gv};
+  // Both are fully written below (or zero-filled on the early-return paths).
+  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                         : at::empty({0}, x.options());
+  at::Tensor gv = need_values ? at::empty_like(values) : at::empty({0}, values.options());
+  if (T == 0 || s.out_features == 0 || (!need_x && !need_values)) {
+    gx.zero_();
+    gv.zero_();
+    return {gx, gv};
+  }
   const at::Tensor x2 = x.reshape({T, s.in_features});
   const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
   if (use_generic_path(x)) {
+    check_bitmask_cpu(op, mask, offsets, rank, values.numel());
     auto [gx2, gv2] =
         sparse_delta_backward_generic(gy2, x2, mask, values, s, scale, need_x, need_values);
     if (need_x) gx.view({T, s.in_features}).copy_(gx2);
@@ -172,18 +189,28 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
   at::Tensor gv_f = need_values ? at::empty({values.numel()}, x.options().dtype(at::kFloat))
                                 : at::Tensor();
   const float sc = static_cast<float>(scale);
+  const int64_t nnz = values.numel();
+  const int32_t* offp = off.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(offp[0] == 0, op, ": offsets[0] must be 0, got ", offp[0]);
+  TORCH_CHECK_VALUE(offp[nchunks] == nnz, op, ": offsets[-1] = ", offp[nchunks],
+                    " entries but values has ", nnz);
+  std::atomic<int64_t> bad{-1};
   dispatch_io_type(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* gyp = gy2.data_ptr<scalar_t>();
     at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        gy_pass_avx2<scalar_t>(b, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
-                               need_x ? gh_parts[q].data_ptr<float>() : nullptr,
-                               need_values ? gv_f.data_ptr<float>() : nullptr, sc,
-                               nchunks * q / parts, nchunks * (q + 1) / parts, rank);
+        const int64_t c = gy_pass_avx2<scalar_t>(
+            b, rank, nnz, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
+            need_x ? gh_parts[q].data_ptr<float>() : nullptr,
+            need_values ? gv_f.data_ptr<float>() : nullptr, sc, nchunks * q / parts,
+            nchunks * (q + 1) / parts);
+        if (c >= 0) bad.store(c);
       }
     });
   });
+  if (bad.load() >= 0) check_bitmask_cpu(op, mask, offsets, rank, nnz);  // names the problem
+  TORCH_CHECK_VALUE(bad.load() < 0, op, ": mask and offsets disagree in chunk ", bad.load());
   if (need_values) gv.copy_(gv_f);
   if (need_x) grad_x_from_gh(gh_parts.sum(0).mul_(sc), s, T, gx.view({T, s.in_features}));
   return {gx, gv};
