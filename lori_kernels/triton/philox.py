@@ -9,11 +9,11 @@ under TRITON_INTERPRET=1 on CPU tensors.
 import triton
 import triton.language as tl
 
-# Random123's Philox4x32 constants (as in philox.h).
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
+# Random123's Philox4x32 constants (as in philox.h); tl.constexpr so @jit code may read them.
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 
 def key_args(seed_i64: int) -> tuple[int, int]:
@@ -28,8 +28,9 @@ def key_args(seed_i64: int) -> tuple[int, int]:
 
 @triton.jit
 def key_u32(k):
-    """An int32 kernel argument holding a key word -> the uint32 key word."""
-    return k.to(tl.int32).to(tl.uint32, bitcast=True)
+    """An int32 kernel argument holding a key word -> the uint32 key word. (to_tensor: Triton
+    passes an int argument equal to 1 as a constant.)"""
+    return tl.to_tensor(k).to(tl.int32).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -44,12 +45,12 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     w1 = tl.full((), PHILOX_W1, tl.uint32)
     for rnd in tl.static_range(10):
         if rnd > 0:
-            k0 = k0 + w0
-            k1 = k1 + w1
+            k0 = tl.add(k0, w0, sanitize_overflow=False)
+            k1 = tl.add(k1, w1, sanitize_overflow=False)
         hi0 = tl.umulhi(c0, m0)
-        lo0 = c0 * m0
+        lo0 = tl.mul(c0, m0, sanitize_overflow=False)
         hi1 = tl.umulhi(c2, m1)
-        lo1 = c2 * m1
+        lo1 = tl.mul(c2, m1, sanitize_overflow=False)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
 
@@ -60,7 +61,7 @@ def popcount32(x):
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) >> 24).to(tl.int32)
+    return (tl.mul(x, 0x01010101, sanitize_overflow=False) >> 24).to(tl.int32)
 
 
 @triton.jit

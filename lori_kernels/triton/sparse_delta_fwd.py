@@ -7,20 +7,25 @@ like vLLM's lora_shrink / lora_expand. h stays in fp32 (fp64 for fp64 inputs); i
 intermediate written to memory (T x rank). A never is: each shrink program owns BLOCK_T tokens
 and a range of column tiles (split-K), and generates each A tile (BLOCK_R x BLOCK_K) once and
 uses it for all its BLOCK_T tokens (one tl.dot). Decode (T <= 16): one token block, the
-columns split across programs (split-K, h accumulated with fp32 atomics) so that the Philox
-work spreads over the GPU. Prefill: BLOCK_T = 64 tokens per A tile; A is generated
-ceil(T / 64) times in all, which is small next to the GEMM.
+columns split across programs (split-K) so that the Philox work spreads over the GPU.
+Prefill: 64 tokens per A tile, so A is generated ceil(T / 64) times in all, small next to the
+GEMM. Each split writes its own partial h and the expand pass sums the partials in a fixed
+order: no atomics, results are bitwise reproducible run to run.
 
 B tile decode (`b_row_starts` + `b_tile_index`): a program's output rows lie inside one
 64-row chunk c; row o's first value is offsets[c] + popcounts of the chunk's rows before o,
 and entry (o, k) sits at that start + popcount of the row's mask bits below k. Dense
 (BLOCK_O x BLOCK_R) tiles of B are then gathered from `values` (zeros off the mask) and fed to
 tl.dot. Popcounts use SWAR bit tricks (no libdevice), so all of it runs in the interpreter.
+
+Precision: fp32 inputs use IEEE fp32 dots (no TF32); bf16/fp16 inputs feed the tensor cores
+with A, h and gh rounded (to nearest even) to the input dtype, accumulating in fp32.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -29,6 +34,21 @@ import triton.language as tl
 from .. import spec
 from .philox import cast_rne, key_args, key_u32, popcount32
 from .random_a import a_tile
+
+
+# The interpreter multiplies bfloat16 operands of tl.dot as their uint16 bit patterns; there
+# (only) bf16 operands are widened to fp32 first, which is exact.
+INTERPRET: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+
+@triton.jit
+def mm(a, b, ACC: tl.constexpr):
+    """a @ b accumulated in ACC (fp32, or fp64 for fp64 operands); fp32 operands use IEEE fp32
+    (no TF32), bf16/fp16 operands the tensor cores."""
+    if INTERPRET and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+    else:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
 
 
 # ---- B decode -------------------------------------------------------------------------------
@@ -54,12 +74,13 @@ def b_row_starts(mask_ptr, offsets_ptr, o0, offs_o, n_out, WORDS: tl.constexpr,
 
 
 @triton.jit
-def b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS: tl.constexpr):
+def b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS: tl.constexpr,
+                 BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
     """(idx, present) for the B tile rows offs_o x columns offs_r: present[i, j] iff (o, k) is
     on the mask; idx[i, j] is then its position in `values`."""
     row_ok = offs_o < n_out
     widx = offs_r >> 5
-    wpre = tl.zeros((offs_o.shape[0], offs_r.shape[0]), tl.int32)  # entries in earlier words
+    wpre = tl.zeros((BLOCK_O, BLOCK_R), tl.int32)  # entries in earlier words
     if WORDS > 1:
         for w in tl.static_range(WORDS - 1):
             m = tl.load(mask_ptr + offs_o * WORDS + w, mask=row_ok, other=0)
@@ -76,10 +97,24 @@ def b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS: tl.con
 
 @triton.jit
 def b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz,
-           WORDS: tl.constexpr):
-    """Dense B[offs_o, offs_r] in values' dtype (zeros off the mask)."""
-    idx, present = b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS)
-    return tl.load(values_ptr + idx, mask=present & (idx < nnz), other=0)
+           WORDS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Dense B[offs_o, offs_r] in values' dtype (zeros off the mask). Reads stay inside
+    values[0:nnz] even for offsets that disagree with the mask (validated on the host)."""
+    idx, present = b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS,
+                                BLOCK_O, BLOCK_R)
+    return tl.load(values_ptr + idx, mask=present & (idx >= 0) & (idx < nnz), other=0)
+
+
+@triton.jit
+def load_split_sum(ptr, n_split, split_stride, offs_t, offs_c, n_cols, mask):
+    """sum_s ptr[s * split_stride + t * n_cols + c] over the n_split partial results of a split
+    reduction, added in split order (deterministic)."""
+    ptrs = ptr + offs_t.to(tl.int64)[:, None] * n_cols + offs_c[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0)
+    for _ in range(1, n_split):
+        ptrs += split_stride
+        acc += tl.load(ptrs, mask=mask, other=0)
+    return acc
 
 
 # ---- kernels --------------------------------------------------------------------------------
@@ -87,8 +122,8 @@ def b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz,
 @triton.jit
 def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n_ktiles,
                   tiles_per_split, DIST: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
-    """h[t, r] (+)= sum_j x[t, j] A[r, j] over this program's column tiles (split-K)."""
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[s, t, r] = sum_j x[t, j] A[r, j] over split s's column tiles (h is (split, T, rank))."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -109,20 +144,18 @@ def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n
         xt = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
                      mask=t_ok[:, None] & (offs_k < K)[None, :], other=0)
         a = cast_rne(a_tile(key0, key1, rows, col0, mag, DIST, BLOCK_R, BLOCK_K), DOT)
-        acc += tl.dot(xt, tl.trans(a), input_precision="ieee", out_dtype=ACC)
-    ptrs = h_ptr + offs_t.to(tl.int64)[:, None] * rank + rows[None, :]
-    ok = t_ok[:, None] & (rows < rank)[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=ok)
-    else:
-        tl.store(ptrs, acc, mask=ok)
+        acc += mm(xt, tl.trans(a), ACC)
+    ptrs = h_ptr + pid_s.to(tl.int64) * T * rank + offs_t.to(tl.int64)[:, None] * rank \
+        + rows[None, :]
+    tl.store(ptrs, acc, mask=t_ok[:, None] & (rows < rank)[None, :])
 
 
 @triton.jit
 def expand_kernel(h_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, T, n_out, rank, nnz, scale,
-                  WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                  n_split, WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
                   BLOCK_R: tl.constexpr):
-    """y[t, o] = scale * sum_k h[t, k] B[o, k], B decoded per (BLOCK_O x BLOCK_R) tile."""
+    """y[t, o] = scale * sum_k h[t, k] B[o, k], B decoded per (BLOCK_O x BLOCK_R) tile;
+    h = sum of the shrink's n_split partials."""
     pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
     DOT: tl.constexpr = values_ptr.dtype.element_ty
@@ -135,10 +168,11 @@ def expand_kernel(h_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, T, n_out, ran
     acc = tl.zeros((BLOCK_T, BLOCK_O), ACC)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        bv = b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz, WORDS)
-        ht = tl.load(h_ptr + offs_t.to(tl.int64)[:, None] * rank + offs_r[None, :],
-                     mask=t_ok[:, None] & (offs_r < rank)[None, :], other=0)
-        acc += tl.dot(cast_rne(ht, DOT), tl.trans(bv), input_precision="ieee", out_dtype=ACC)
+        bv = b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz, WORDS,
+                    BLOCK_O, BLOCK_R)
+        ht = load_split_sum(h_ptr, n_split, T * rank, offs_t, offs_r, rank,
+                            t_ok[:, None] & (offs_r < rank)[None, :])
+        acc += mm(cast_rne(ht, DOT), tl.trans(bv), ACC)
     y = acc * scale
     ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * n_out + offs_o[None, :]
     tl.store(ptrs, cast_rne(y, y_ptr.dtype.element_ty),
@@ -174,20 +208,30 @@ def force_config(cfg: Config):
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def config(T: int, rank: int, device: torch.device, interpret: bool) -> Config:
     """Shape-based defaults. Decode (T <= 16): 16-token blocks. Prefill: 64-token blocks, so
     each A tile feeds 64 tokens. Under the interpreter, few large programs run fastest."""
     f = _forced or Config()
-    bt = f.block_t or (16 if T <= 16 else (32 if T <= 32 or interpret and T <= 32 else 64))
-    if interpret and f.block_t is None:
+    if interpret:
         bt = min(64, max(16, triton.next_power_of_2(max(T, 1))))
+    else:
+        bt = 16 if T <= 16 else (32 if T <= 32 else 64)
+    bt = f.block_t or bt
     bk = f.block_k or (256 if interpret else 128)
     br = f.block_r or min(64, max(16, triton.next_power_of_2(rank)))
     bo = f.block_o or 64
-    assert bk % 128 == 0 and bo in (16, 32, 64) and br >= 16, f
+    if bk % 128 or bo not in (16, 32, 64) or br not in (16, 32, 64, 128) or bt < 16 \
+            or bt & (bt - 1):
+        raise ValueError(f"bad Triton tile config {f}: block_k a multiple of 128, block_o in "
+                         "(16, 32, 64), block_r in (16, 32, 64, 128), block_t a power of 2 >= 16")
     return Config(bt, bk, br, bo, f.split)
 
 
@@ -203,8 +247,9 @@ def pick_split(cfg: Config, programs: int, n_tiles: int, device: torch.device,
 
 
 def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_features: int,
-           acc_dtype: torch.dtype, interpret: bool) -> torch.Tensor:
-    """h = x2 @ A^T in acc_dtype (T, rank). x2 is (T, in_features), any strides."""
+           acc_dtype: torch.dtype, interpret: bool) -> tuple[torch.Tensor, int]:
+    """(h_parts, split): h = x2 @ A^T = h_parts.sum(0) in acc_dtype, h_parts (split, T, rank).
+    x2 is (T, in_features), any strides."""
     T, K = x2.shape
     cfg = config(T, rank, x2.device, interpret)
     n_t, n_r = triton.cdiv(T, cfg.block_t), triton.cdiv(rank, cfg.block_r)
@@ -212,14 +257,14 @@ def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_feature
     split = pick_split(cfg, n_t * n_r, n_k, x2.device, interpret)
     per = triton.cdiv(n_k, split)
     split = triton.cdiv(n_k, per)
-    h = (torch.zeros if split > 1 else torch.empty)((T, rank), dtype=acc_dtype, device=x2.device)
+    h = torch.empty((split, T, rank), dtype=acc_dtype, device=x2.device)
     k0, k1 = key_args(seed)
     shrink_kernel[(n_t, n_r, split)](
         x2, h, T, K, rank, x2.stride(0), x2.stride(1), k0, k1,
         spec.magnitude(distribution, in_features), n_k, per,
         DIST=spec.DISTRIBUTIONS[distribution], BLOCK_T=cfg.block_t, BLOCK_R=cfg.block_r,
-        BLOCK_K=cfg.block_k, ATOMIC=split > 1)
-    return h
+        BLOCK_K=cfg.block_k)
+    return h, split
 
 
 def acc_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -236,12 +281,12 @@ def sparse_delta_fwd(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
     if T == 0 or O == 0:
         return y
     acc = acc_dtype_for(x.dtype)
-    h = shrink(x.reshape(T, K), rank, seed, distribution, K, acc, interpret)
+    h, n_split = shrink(x.reshape(T, K), rank, seed, distribution, K, acc, interpret)
     cfg = config(T, rank, x.device, interpret)
     # fp64 (verification) keeps scale exact: applied afterwards in fp64.
     k_scale = 1.0 if acc == torch.float64 else scale
     expand_kernel[(triton.cdiv(T, cfg.block_t), triton.cdiv(O, cfg.block_o))](
-        h, mask, values, offsets, y, T, O, rank, values.numel(), k_scale,
+        h, mask, values, offsets, y, T, O, rank, values.numel(), k_scale, n_split,
         WORDS=spec.mask_words(rank), BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o,
         BLOCK_R=cfg.block_r)
     if acc == torch.float64 and scale != 1.0:
