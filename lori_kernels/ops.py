@@ -79,15 +79,45 @@ def _philox_fake(counters, seed):
 # lori::sparse_delta_backward, which has the fake kernel above, so torch.compile traces it.
 
 
+# ---- backend choice ---------------------------------------------------------------------------
+BACKENDS = ("auto", "cpp", "triton")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """'cpp' (C++/CUDA kernels) or 'triton' for tensors on `device`.
+
+    Order: the argument, then the LORI_BACKEND environment variable, then 'auto' (the C++
+    kernel of the tensor's device: CPU tensors run C++, CUDA tensors run CUDA).
+    Triton on CPU tensors works only under TRITON_INTERPRET=1 (for tests)."""
+    import os
+
+    choice = backend if backend is not None else os.environ.get("LORI_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (argument or LORI_BACKEND), "
+                         f"got {choice!r}")
+    if choice != "triton":
+        return "cpp"
+    from . import triton as lt  # lazy: lori_kernels.triton imports this module
+
+    if not lt.available():
+        raise RuntimeError(f"backend='triton' but the Triton kernels are unavailable: "
+                           f"{lt.import_error}")
+    if device.type != "cuda" and not lt.interpreted():
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                           "CPU tensors)")
+    return "triton"
+
+
 # ---- typed public wrappers --------------------------------------------------------------------
 
 def random_a(seed: int, rank: int, in_features: int, *, distribution: str = spec.DEFAULT_DISTRIBUTION,
              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             columns: tuple[int, int] | None = None) -> torch.Tensor:
+             columns: tuple[int, int] | None = None, backend: str | None = None) -> torch.Tensor:
     """Materialize A (rank, in_features), or its column slice A[:, c0:c1] with columns=(c0, c1),
     from a 64-bit seed, bit-identically on every backend (docs/spec_a.md).
 
     A's entries are fp32 values rounded once (round-to-nearest-even) to `dtype`.
+    backend: None/'auto'/'cpp'/'triton' (see resolve_backend).
     """
     seed_i64 = spec.check_seed(seed)
     spec.check_distribution(distribution)
@@ -99,24 +129,31 @@ def random_a(seed: int, rank: int, in_features: int, *, distribution: str = spec
     if not 0 <= c0 <= c1 <= in_features:
         raise ValueError(f"columns must satisfy 0 <= c0 <= c1 <= in_features={in_features}, "
                          f"got {columns!r}")
+    device = torch.device(device)
+    if resolve_backend(backend, device) == "triton":
+        out = torch.empty((rank, c1 - c0), dtype=dtype, device=device)
+        _ops.triton_random_a_fill(out, seed_i64, in_features, c0, distribution)
+        return out
     return _ops.random_a(seed_i64, rank, in_features, distribution, c0, c1, dtype=dtype,
-                         device=torch.device(device))
+                         device=device)
 
 
 def sparse_delta(x: torch.Tensor, b: PackedB, *, seed: int,
-                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0) -> torch.Tensor:
+                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0,
+                 backend: str | None = None) -> torch.Tensor:
     """LoRI delta: y = scale * (x @ A^T) @ B^T, x of shape (..., in_features).
 
     A (b.rank, in_features) is regenerated inside the kernel from (seed, distribution) and never
     materialized beyond a tile; B (out_features, rank) is read in its bitmask form. Gradients
     flow to x and to b.values (only the pattern's entries); A gets none.
+    backend: None/'auto'/'cpp'/'triton' (see resolve_backend).
     """
     if not isinstance(b, PackedB):
         raise TypeError(f"b must be a PackedB (see lori_kernels.pack_bitmask), got {type(b).__name__}")
     seed_i64 = spec.check_seed(seed)
     spec.check_distribution(distribution)
-    return _ops.sparse_delta(x, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
-                             float(scale))
+    op = _ops.triton_sparse_delta if resolve_backend(backend, x.device) == "triton" else _ops.sparse_delta
+    return op(x, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution, float(scale))
 
 
 @torch.library.register_fake("lori::merge_delta_")

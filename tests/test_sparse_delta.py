@@ -326,3 +326,29 @@ def test_python_wrapper_errors():
         L.sparse_delta(torch.randn(2, 5), b.to_dense(), seed=1)
     with pytest.raises(ValueError, match="seed"):
         L.sparse_delta(torch.randn(2, 5), b, seed=-3)
+
+
+# ---- backend choice -------------------------------------------------------------------------
+
+def test_backend_selection(monkeypatch):
+    from lori_kernels import ops
+    g = _gen(6)
+    x = torch.randn(5, 70, generator=g)
+    b = random_packed(30, 8, generator=g)
+    assert ops.resolve_backend(None, x.device) == "cpp"
+    assert ops.resolve_backend("auto", x.device) == "cpp"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        L.sparse_delta(x, b, seed=1, backend="cuda")
+    monkeypatch.setenv("LORI_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LORI_BACKEND"):
+        L.sparse_delta(x, b, seed=1)
+    import lori_kernels.triton as lt
+    if not (lt.available() and lt.interpreted()):
+        pytest.skip("Triton interpreter not active")
+    monkeypatch.setenv("LORI_BACKEND", "triton")
+    y_t = L.sparse_delta(x, b, seed=1)
+    a_t = L.random_a(3, 8, 70)
+    monkeypatch.setenv("LORI_BACKEND", "cpp")
+    torch.testing.assert_close(y_t, L.sparse_delta(x, b, seed=1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(a_t, L.random_a(3, 8, 70))
+    assert torch.equal(L.random_a(3, 8, 70, backend="triton"), a_t)
