@@ -179,8 +179,10 @@ def main(argv=None) -> int:
         tail = []
         if args.tests_log and os.path.exists(args.tests_log):
             with open(args.tests_log, errors="replace") as f:
-                tail = f.read().splitlines()[-15:]
-        report["tests"] = {"rc": args.tests_rc, "passed": args.tests_rc == 0, "tail": tail}
+                tail = [ln for ln in f.read().splitlines()
+                        if ln.startswith(("====", "FAILED", "ERROR")) or " passed" in ln
+                        or " failed" in ln][-40:]
+        report["tests"] = {"rc": args.tests_rc, "passed": args.tests_rc == 0, "summary": tail}
     if args.build_failed:
         write_json(args.out, report)
         log(f"build failed: wrote {args.out}")
@@ -227,9 +229,11 @@ def main(argv=None) -> int:
     else:
         report["errors"].append("lori_kernels._C has no CUDA kernels (built without CUDA?)")
     try:
-        import lori_kernels.triton  # noqa: F401
-        if device == "cuda":
+        import lori_kernels.triton as lori_triton
+        if device == "cuda" and lori_triton.available():
             providers["triton"] = (ops.triton_sparse_delta, ops.triton_sparse_delta_backward)
+        elif device == "cuda":
+            report["errors"].append(f"triton backend unavailable: {lori_triton.import_error!r}")
     except Exception as e:  # the Triton backend is optional
         report["errors"].append(f"triton backend unavailable: {type(e).__name__}: {e}")
     log(f"providers: {sorted(providers)} + dense_cublas")

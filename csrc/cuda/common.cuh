@@ -2,6 +2,8 @@
 // decoding. The RNG and bit logic themselves come from the host+device headers in
 // csrc/include/lori, so the CPU build tests the same lines.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -18,8 +20,18 @@ constexpr int kThreads = 256;  // every tile kernel runs 256 threads
 constexpr int kRGroup = 32;    // rows of A (= ranks) per shared-memory tile: one mask word
 constexpr int kAColTile = 64;  // columns of A per shared-memory tile (half a Rademacher block)
 
-template <typename T>
-__device__ __forceinline__ T to_acc_t(float v) { return static_cast<T>(v); }
+template <typename scalar_t>
+struct MmaType;
+template <>
+struct MmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ __forceinline__ type from_float(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct MmaType<c10::Half> {
+  using type = __half;
+  static __device__ __forceinline__ type from_float(float v) { return __float2half_rn(v); }
+};
 
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
@@ -58,6 +70,7 @@ __device__ __forceinline__ ChunkRange chunk_range(const BMask& b, int64_t c) {
 // popcounts); rows past OUT count 0. Needs >= 64 threads; all threads must call it (it syncs).
 __device__ __forceinline__ void chunk_row_starts(const BMask& b, int64_t c, int* rs) {
   const int tid = threadIdx.x;
+  __syncthreads();  // earlier readers of rs are done
   if (tid < kRowChunk) {
     const int64_t o = c * kRowChunk + tid;
     int cnt = 0;
@@ -105,6 +118,7 @@ template <typename acc_t>
 __device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int64_t c0, acc_t* as,
                                            int ld, uint32_t* words_s) {
   const int tid = threadIdx.x;
+  __syncthreads();  // earlier readers of as / words_s are done
   if (g.dist == kRademacher) {
     if (tid < kRGroup) {
       const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(c0 >> 7),
@@ -137,6 +151,109 @@ __device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int6
     }
   }
   __syncthreads();
+}
+
+// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, c0 + j] (+-1, or the
+// uniform unit rounded to bf16/fp16), zero for r >= rank; A's magnitude is left to the caller's
+// fp32 epilogue. c0 a multiple of 64. words_s: RP * 4 scratch. All threads call it; it syncs
+// between its phases but not before (the caller orders earlier readers) or after.
+template <typename scalar_t, int RP>
+__device__ __forceinline__ void gen_a_units_mma(const AGen& g, int rank, int64_t c0,
+                                                typename MmaType<scalar_t>::type* as, int ld,
+                                                uint32_t* words_s) {
+  using mt = typename MmaType<scalar_t>::type;
+  const int tid = threadIdx.x;
+  const mt one = MmaType<scalar_t>::from_float(1.f), minus_one = MmaType<scalar_t>::from_float(-1.f),
+           zero = MmaType<scalar_t>::from_float(0.f);
+  if (g.dist == kRademacher) {
+    if (tid < RP) {
+      const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(c0 >> 7),
+                                static_cast<uint32_t>(tid));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) words_s[tid * 4 + i] = blk.v[i];
+    }
+    __syncthreads();
+    const int half = static_cast<int>((c0 >> 6) & 1);  // which 64 of the block's 128 bits
+    for (int e = tid; e < RP * kAColTile; e += blockDim.x) {
+      const int r = e / kAColTile, j = e % kAColTile;
+      const uint32_t w = words_s[r * 4 + half * 2 + (j >> 5)];
+      as[r * ld + j] = r < rank ? (((w >> (j & 31)) & 1u) ? minus_one : one) : zero;
+    }
+  } else {
+    for (int e = tid; e < RP * (kAColTile / 4); e += blockDim.x) {
+      const int r = e / (kAColTile / 4), q = e % (kAColTile / 4);
+      mt* dst = as + r * ld + 4 * q;
+      if (r < rank) {
+        const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>((c0 >> 2) + q),
+                                  static_cast<uint32_t>(r));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = MmaType<scalar_t>::from_float(uniform_unit(blk.v[i]));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = zero;
+      }
+    }
+  }
+}
+
+// Tensor-core B tile: bd[i * ld + k] (i < 64 rows of chunk c, k < RP) = B[64 c + i, k] in the
+// I/O dtype (exact), zero off the pattern. Threads >= 64 idle; caller syncs after.
+template <typename scalar_t, int RP>
+__device__ __forceinline__ void decode_b_chunk_mma(const BMask& b, const scalar_t* values,
+                                                   int64_t c, const int* rs,
+                                                   typename MmaType<scalar_t>::type* bd, int ld) {
+  using mt = typename MmaType<scalar_t>::type;
+  const int tid = threadIdx.x;
+  if (tid >= kRowChunk) return;
+  mt* row = bd + tid * ld;
+  const mt zero = MmaType<scalar_t>::from_float(0.f);
+#pragma unroll
+  for (int k = 0; k < RP; ++k) row[k] = zero;
+  const int64_t o = c * kRowChunk + tid;
+  if (o >= b.out) return;
+  const mt* vm = reinterpret_cast<const mt*>(values);
+  const ChunkRange cr = chunk_range(b, c);
+  int64_t p = cr.lo + rs[tid];
+  for (int w = 0; w < b.words; ++w) {
+    for (uint32_t bits = mask_word(b, o, w); bits; bits &= bits - 1, ++p) {
+      if (p < cr.hi) row[32 * w + ctz32(bits)] = vm[p];
+    }
+  }
+}
+
+// hs[t * rank + k] = mult * sum_s partial[s, t0 + t, k] for t < nt, 0 for nt <= t < TT.
+// Up to 8 adjacent lanes share one element (strided over s, then combined by shuffles), so
+// decode (one token, many splits) keeps several loads in flight per element. The order of the
+// additions is fixed: results do not depend on scheduling. Callers sync before reading hs.
+template <int TT, typename acc_t>
+__device__ __forceinline__ void sum_partials(const acc_t* __restrict__ partial, int splits,
+                                             int64_t T, int64_t t0, int nt, int rank, acc_t mult,
+                                             acc_t* hs) {
+  const int tid = threadIdx.x, ne = nt * rank;
+  int lanes = 1;
+  while (lanes < 8 && lanes * 2 * ne <= static_cast<int>(blockDim.x)) lanes *= 2;
+  for (int base = 0; base < ne * lanes; base += blockDim.x) {  // uniform trip count: shuffles ok
+    const int idx = base + tid, e = idx / lanes, sub = idx % lanes;
+    acc_t v = acc_t(0);
+    if (e < ne) {
+      const acc_t* p = partial + (t0 * rank + e);
+#pragma unroll 8
+      for (int s = sub; s < splits; s += lanes) v += p[static_cast<int64_t>(s) * T * rank];
+    }
+    for (int d = 1; d < lanes; d <<= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    if (e < ne && sub == 0) hs[e] = v * mult;
+  }
+  for (int e = ne + tid; e < TT * rank; e += blockDim.x) hs[e] = acc_t(0);
+}
+
+// Kernels whose dynamic shared memory (a (tokens, rank) tile) can pass the default 48 KB
+// budget together with their static buffers: raise the limit for this launch's size.
+template <typename Kernel>
+inline void raise_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 16 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
 }
 
 // Throws (through the launcher) on a launch error.

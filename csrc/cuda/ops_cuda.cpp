@@ -1,0 +1,372 @@
+// CUDA registrations of the lori ops: argument checks (shared with the CPU backend through
+// checks.h), launch planning and allocation. Kernels are in the .cu files of this folder.
+//
+// What the CUDA backend trusts: the host checks every dtype, shape and device (checks.h) but
+// cannot afford the CPU backend's full read of the mask per call (check_bitmask_cpu), so it
+// does not verify that offsets match the mask's popcounts or that offsets[-1] == nnz. The
+// kernels clear mask bits >= rank and clamp every value read and write of chunk c into
+// [offsets[c], offsets[c+1]) within [0, nnz): a corrupt B yields wrong numbers, never an
+// out-of-bounds access. Validate untrusted adapters once with PackedB.validate().
+//
+// Dtypes: float32, bfloat16, float16 (fp32 accumulation) and float64 (fp64 accumulation, for
+// gradcheck; the same SIMT kernels). bf16/fp16 prefill (T > 16, rank <= 64) runs the x @ A^T
+// stage on tensor cores.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+
+#include "../checks.h"
+#include "kernels.cuh"
+#include "lori/bitmask.h"
+#include "lori/philox.h"
+
+namespace lori::cuda {
+namespace {
+
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kAColTileHost = 64;  // columns per A tile (common.cuh's kAColTile)
+
+// Device attributes, read once per device.
+int device_attr(c10::DeviceIndex dev, cudaDeviceAttr attr, int slot) {
+  static std::array<std::array<std::atomic<int>, 64>, 2> cache{};
+  const int i = std::clamp<int>(dev, 0, 63);
+  int n = cache[slot][i].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, attr, dev));
+    cache[slot][i].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+int sm_count(c10::DeviceIndex dev) { return device_attr(dev, cudaDevAttrMultiProcessorCount, 0); }
+// The wmma kernel needs sm_80+ (and a build whose TORCH_CUDA_ARCH_LIST includes such an arch;
+// the default 9.0+PTX does).
+bool has_bf16_mma(c10::DeviceIndex dev) {
+  return device_attr(dev, cudaDevAttrComputeCapabilityMajor, 1) >= 8;
+}
+
+template <typename F>
+void dispatch(const char* op, at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK_TYPE(false, op, ": no CUDA kernel for dtype ", t);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+AGen to_agen(const AGenParams& p) { return AGen{p.k0, p.k1, p.dist, p.magnitude}; }
+
+BMask to_bmask(const at::Tensor& mask, const at::Tensor& offsets, int64_t rank, int64_t nnz) {
+  return BMask{reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>()),
+               offsets.data_ptr<int32_t>(), mask.size(0), nnz, static_cast<int>(mask.size(1)),
+               static_cast<int>(rank)};
+}
+
+void check_grid_y(const char* op, int64_t n, const char* what) {
+  TORCH_CHECK_VALUE(n <= kMaxGridY, op, ": too many ", what, " for one CUDA launch (", n,
+                    " > ", kMaxGridY, ")");
+}
+
+// Splits of a reduction of `len` into slices of a multiple of `quantum`, enough that
+// tiles * splits is about 4 blocks per SM (memory-bound kernels need the loads in flight).
+// Decode caps the splits at decode_split_cap(T): the consumer kernel of the (S, T, R) partials
+// sums S * T values per rank in every block.
+int64_t decode_split_cap(int64_t T) { return std::max<int64_t>(1, 512 / std::max<int64_t>(T, 1)); }
+struct Split {
+  int splits;
+  int64_t per_split;  // a multiple of quantum
+};
+Split plan_split(int64_t len, int64_t quantum, int64_t tiles, int sms,
+                 int64_t max_splits = INT32_MAX) {
+  const int64_t units = std::max<int64_t>(1, (len + quantum - 1) / quantum);
+  const int64_t want =
+      std::clamp<int64_t>((4 * sms + tiles - 1) / tiles, 1, std::min(units, max_splits));
+  const int64_t per = (units + want - 1) / want;
+  return Split{static_cast<int>((units + per - 1) / per), per * quantum};
+}
+
+int token_tile(int64_t T, at::ScalarType t, int64_t rank) {
+  return T > kSmallTile && t != at::kDouble && rank <= 128 ? kLargeTile : kSmallTile;
+}
+
+// h partials (S, T, rank) = x2 @ A^T split over in_features (tensor cores where they apply).
+std::pair<at::Tensor, int> shrink_a(const char* op, const at::Tensor& x2, const DeltaShape& s,
+                                    cudaStream_t stream) {
+  const int64_t T = s.tokens;
+  const bool mma_shape = T > kSmallTile && s.rank <= 64 &&
+                         (x2.scalar_type() == at::kBFloat16 || x2.scalar_type() == at::kHalf) &&
+                         has_bf16_mma(x2.get_device());
+  const int tile = mma_shape ? kLargeTile : token_tile(T, x2.scalar_type(), s.rank);
+  const Split sp = plan_split(s.in_features, 64, (T + tile - 1) / tile, sm_count(x2.get_device()),
+                              T > kSmallTile ? INT32_MAX : decode_split_cap(T));
+  check_grid_y(op, sp.splits, "column slices");
+  at::Tensor partial = at::empty({sp.splits, T, s.rank}, x2.options().dtype(acc_dtype(x2.scalar_type())));
+  const AGen g = to_agen(s.gen);
+  dispatch(op, x2.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    acc_t* pp = partial.data_ptr<acc_t>();
+    const int rank = static_cast<int>(s.rank);
+    if (!(mma_shape && launch_shrink_a_mma<scalar_t>(xp, T, s.in_features, g, rank, sp.splits,
+                                                     sp.per_split, pp, stream))) {
+      launch_shrink_a<scalar_t>(xp, T, s.in_features, g, rank, sp.splits, sp.per_split, tile, pp,
+                                stream);
+    }
+  });
+  return {partial, sp.splits};
+}
+
+at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                             const at::Tensor& offsets, int64_t rank, int64_t seed,
+                             c10::string_view distribution, double scale) {
+  const char* op = "sparse_delta";
+  const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
+                                               distribution);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = s.out_features;
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t T = s.tokens;
+  if (T == 0 || s.out_features == 0) return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  check_grid_y(op, num_chunks(s.out_features), "64-row chunks of B");
+  const auto hp = shrink_a(op, x2, s, stream);
+  // Decode: expand_b sums the few (T x rank) partials itself. Prefill: every chunk block would
+  // re-read all of them, so they are summed once first (a plain fixed-order reduction).
+  const bool presum = hp.second > 1 && T > kSmallTile;
+  const at::Tensor partial = presum ? hp.first.sum(0, /*keepdim=*/true) : hp.first;
+  const int splits = presum ? 1 : hp.second;
+  const BMask b = to_bmask(m, off, rank, v.numel());
+  const int tile = token_tile(T, x.scalar_type(), rank);
+  const int64_t tiles = (T + tile - 1) / tile, nch = num_chunks(s.out_features);
+  // Chunks per block: up to 4 (h read once per 256 rows) while >= 4 blocks per SM remain.
+  int64_t cpb = 4;
+  while (cpb > 1 && tiles * ((nch + cpb - 1) / cpb) < 4 * sm_count(x.get_device())) cpb /= 2;
+  // bf16/fp16 prefill with rank <= 64: the tensor-core expand (tile = 64 tokens, like
+  // token_tile's large tile, so cpb above holds); otherwise the SIMT one.
+  const bool mma = splits == 1 && tile == kLargeTile && rank <= 64 &&
+                   (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+                   has_bf16_mma(x.get_device());
+  dispatch(op, x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type_t<scalar_t>;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (mma && launch_expand_b_mma<scalar_t>(partial.data_ptr<float>(), T, b,
+                                               v.data_ptr<scalar_t>(), scale, cpb,
+                                               y.data_ptr<scalar_t>(), stream)) {
+        return;
+      }
+    }
+    launch_expand_b<scalar_t>(partial.data_ptr<acc_t>(), splits, T, b, v.data_ptr<scalar_t>(),
+                              scale, tile, cpb, y.data_ptr<scalar_t>(), stream);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
+    const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
+    c10::string_view distribution, double scale, bool need_x, bool need_values) {
+  const char* op = "sparse_delta_backward";
+  const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
+                                               distribution);
+  check_grad_y(op, grad_y, x, s);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t T = s.tokens;
+  const bool empty = T == 0 || s.out_features == 0;
+  // grad_x is fully written by expand_a unless there is nothing to reduce.
+  at::Tensor gx = !need_x ? at::empty({0}, x.options())
+                  : empty ? at::zeros(x.sizes(), x.options())
+                          : at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gv = need_values ? at::zeros_like(values)
+                              : at::empty({0}, values.options());
+  if (empty || (!need_x && !need_values)) return {gx, gv};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const BMask b = to_bmask(m, off, rank, v.numel());
+  const int64_t nch = num_chunks(s.out_features);
+  const int sms = sm_count(x.get_device());
+  const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  // bf16/fp16 prefill with rank <= 64: tensor-core kernels (their launchers decline, and the
+  // SIMT ones run, when gy's rows are not 16-byte aligned).
+  const bool mma = T > kSmallTile && rank <= 64 &&
+                   (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+                   has_bf16_mma(x.get_device());
+  const int64_t mma_tiles = (T + kMmaTM - 1) / kMmaTM;
+  if (need_x) {
+    const AGen g = to_agen(s.gen);
+    bool done = false;
+    if (mma) {
+      const Split sp = plan_split(nch, 1, mma_tiles, sms);
+      check_grid_y(op, sp.splits, "chunk groups");
+      at::Tensor gh = at::empty({sp.splits, T, rank}, acc);
+      dispatch(op, x.scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        if constexpr (std::is_same_v<acc_type_t<scalar_t>, float>) {
+          if (!launch_shrink_b_mma<scalar_t>(gy2.data_ptr<scalar_t>(), T, b,
+                                             v.data_ptr<scalar_t>(), sp.splits, sp.per_split,
+                                             gh.data_ptr<float>(), stream)) {
+            return;
+          }
+          if (sp.splits > 1) gh = gh.sum(0);
+          const int64_t ntiles = (s.in_features + kAColTileHost - 1) / kAColTileHost;
+          int64_t tpb = 4;
+          while (tpb > 1 && mma_tiles * ((ntiles + tpb - 1) / tpb) < 4 * sms) tpb /= 2;
+          check_grid_y(op, (ntiles + tpb - 1) / tpb, "column-tile groups");
+          done = launch_expand_a_mma<scalar_t>(gh.data_ptr<float>(), T, s.in_features, g,
+                                               static_cast<int>(rank), scale, tpb,
+                                               gx.data_ptr<scalar_t>(), stream);
+          TORCH_INTERNAL_ASSERT(done, op, ": expand_a_mma declined after shrink_b_mma ran");
+        }
+      });
+    }
+    if (!done) {
+      const int tile = token_tile(T, x.scalar_type(), rank);
+      const Split sp = plan_split(nch, 1, (T + tile - 1) / tile, sms,
+                                  T > kSmallTile ? INT32_MAX : decode_split_cap(T));
+      check_grid_y(op, sp.splits, "chunk groups");
+      check_grid_y(op, (T + tile - 1) / tile, "token tiles");
+      at::Tensor gh = at::empty({sp.splits, T, rank}, acc);
+      dispatch(op, x.scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        launch_shrink_b<scalar_t>(gy2.data_ptr<scalar_t>(), T, b, v.data_ptr<scalar_t>(),
+                                  sp.splits, sp.per_split, tile,
+                                  gh.data_ptr<acc_type_t<scalar_t>>(), stream);
+      });
+      // As in the forward: prefill sums the partials once instead of once per column tile.
+      const bool presum = sp.splits > 1 && T > kSmallTile;
+      if (presum) gh = gh.sum(0, /*keepdim=*/true);
+      const int splits = presum ? 1 : sp.splits;
+      dispatch(op, x.scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        launch_expand_a<scalar_t>(gh.data_ptr<acc_type_t<scalar_t>>(), splits, T,
+                                  s.in_features, g, static_cast<int>(rank), scale, tile,
+                                  gx.data_ptr<scalar_t>(), stream);
+      });
+    }
+  }
+  if (need_values) {
+    const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
+    const auto hp = shrink_a(op, x2, s, stream);
+    // (T, rank); a plain sum over dim 0 of a contiguous tensor: fixed order, deterministic.
+    const at::Tensor h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
+    bool done = false;
+    if (mma) {
+      const Split sp = plan_split(T, kMmaTM, nch, sms);
+      check_grid_y(op, sp.splits, "token slices");
+      at::Tensor gbp = at::empty({sp.splits, s.out_features, rank}, acc);
+      dispatch(op, x.scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        if constexpr (std::is_same_v<acc_type_t<scalar_t>, float>) {
+          done = launch_grad_values_mma<scalar_t>(gy2.data_ptr<scalar_t>(), h.data_ptr<float>(),
+                                                  T, b, sp.splits, sp.per_split, scale,
+                                                  gbp.data_ptr<float>(),
+                                                  gv.data_ptr<scalar_t>(), stream);
+        }
+      });
+    }
+    if (!done) {
+      const Split sp = plan_split(T, 32, nch, sms);
+      check_grid_y(op, sp.splits, "token slices");
+      at::Tensor gbp = at::empty({sp.splits, s.out_features, rank}, acc);
+      dispatch(op, x.scalar_type(), [&](auto tag) {
+        using scalar_t = decltype(tag);
+        using acc_t = acc_type_t<scalar_t>;
+        launch_grad_values<scalar_t>(gy2.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), T, b,
+                                     sp.splits, sp.per_split, scale, gbp.data_ptr<acc_t>(),
+                                     gv.data_ptr<scalar_t>(), stream);
+      });
+    }
+  }
+  return {gx, gv};
+}
+
+void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& values,
+                      const at::Tensor& offsets, int64_t rank, int64_t seed,
+                      c10::string_view distribution, double scale) {
+  const char* op = "merge_delta_";
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ",
+                    weight.sizes());
+  const DeltaShape s = check_sparse_delta_args(op, weight, mask, values, offsets, rank, seed,
+                                               distribution);
+  TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),
+                    " rows but mask has ", s.out_features, " (out_features)");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (weight.numel() == 0) return;
+  check_grid_y(op, num_chunks(s.out_features), "64-row chunks of B");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool direct = weight.stride(1) == 1 && weight.stride(0) >= weight.size(1);
+  at::Tensor w = direct ? weight : weight.contiguous();
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const BMask b = to_bmask(m, off, rank, v.numel());
+  const AGen g = to_agen(s.gen);
+  dispatch(op, weight.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    launch_merge<scalar_t>(w.data_ptr<scalar_t>(), w.stride(0), s.in_features, b,
+                           v.data_ptr<scalar_t>(), g, scale, stream);
+  });
+  if (!direct) weight.copy_(w);
+}
+
+void random_a_fill_cuda(const at::Tensor& out, int64_t seed, int64_t in_features,
+                        int64_t col_start, c10::string_view distribution) {
+  const char* op = "_random_a_fill";
+  TORCH_CHECK(out.is_cuda(), op, ": out must be a CUDA tensor");
+  TORCH_CHECK_VALUE(out.dim() == 2, op, ": out must be 2-D (rank, columns)");
+  const AGenParams p = make_agen(seed, in_features, distribution);
+  const int64_t rank = out.size(0), ncols = out.size(1);
+  TORCH_CHECK_VALUE(col_start >= 0 && col_start + ncols <= in_features, op, ": columns [",
+                    col_start, ", ", col_start + ncols, ") exceed in_features=", in_features);
+  TORCH_CHECK_VALUE(rank <= UINT32_MAX, op, ": rank too large: ", rank);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool direct = out.stride(1) == 1 && out.stride(0) >= ncols;
+  at::Tensor buf = direct ? out : at::empty({rank, ncols}, out.options());
+  dispatch(op, out.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    launch_random_a<scalar_t>(buf.data_ptr<scalar_t>(), rank, ncols, buf.stride(0), col_start,
+                              to_agen(p), stream);
+  });
+  if (!direct) out.copy_(buf);
+}
+
+at::Tensor philox_cuda(const at::Tensor& counters, int64_t seed) {
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kInt, "philox4x32_10: counters must be int32");
+  TORCH_CHECK_VALUE(counters.dim() == 2 && counters.size(1) == 4,
+                    "philox4x32_10: counters must have shape (N, 4), got ", counters.sizes());
+  const c10::cuda::CUDAGuard guard(counters.device());
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const uint64_t us = static_cast<uint64_t>(seed);
+  launch_philox(reinterpret_cast<const uint32_t*>(c.data_ptr<int32_t>()),
+                reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), c.size(0),
+                static_cast<uint32_t>(us), static_cast<uint32_t>(us >> 32),
+                c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+}  // namespace
+}  // namespace lori::cuda
+
+TORCH_LIBRARY_IMPL(lori, CUDA, m) {
+  m.impl("_random_a_fill", &lori::cuda::random_a_fill_cuda);
+  m.impl("philox4x32_10", &lori::cuda::philox_cuda);
+  m.impl("sparse_delta", &lori::cuda::sparse_delta_cuda);
+  m.impl("sparse_delta_backward", &lori::cuda::sparse_delta_backward_cuda);
+  m.impl("merge_delta_", &lori::cuda::merge_delta_cuda);
+}
