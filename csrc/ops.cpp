@@ -82,6 +82,24 @@ TORCH_LIBRARY(lori, m) {
       "triton_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
       "str distribution) -> ()");
   // ---- batched multi-adapter ops (issue 4): schemas below this line -------------------
+  // Many adapters of one pool (same rank, in_features, out_features) in one batch:
+  //   y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]
+  // (a == -1: y[t] = base[t], or 0 without base). A_a from (seeds[a], distributions[a]:
+  // 1 rademacher, 2 uniform); B_a = (masks[a], values[value_starts[a] + offsets[a, :]],
+  // offsets[a]) with offsets relative to the adapter's value start. x (..., in_features),
+  // adapter_ids (T,) int32/int64 with T = x.numel() / in_features. `base` (x's dtype, shape
+  // (..., out_features)) is the accumulate form: y = base + delta, rounded once.
+  m.def(
+      "batched_sparse_delta(Tensor x, Tensor adapter_ids, Tensor masks, Tensor values, "
+      "Tensor value_starts, Tensor offsets, Tensor seeds, Tensor scales, "
+      "Tensor distributions, int rank, Tensor? base=None) -> Tensor");
+  // (grad_x, grad_values) of the delta; grad_values covers the whole values buffer (0 off
+  // the used adapters). Each is an empty tensor when its need_* flag is false.
+  m.def(
+      "batched_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor adapter_ids, "
+      "Tensor masks, Tensor values, Tensor value_starts, Tensor offsets, Tensor seeds, "
+      "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values) "
+      "-> (Tensor, Tensor)");
   // ---- end of batched multi-adapter ops ----------------------------------------------
   // Philox4x32-10 blocks for int32 counters (N, 4) under a 64-bit seed: the spec's RNG
   // exposed for known-answer tests of the shared header.

@@ -22,3 +22,10 @@ from .workflow import (calibrate_masks, combine_adapters, export_peft, import_pe
 
 __all__ += ["LoRILinear", "calibrate_masks", "combine_adapters", "export_peft", "import_peft",
             "inject", "load_adapter", "merge", "save_adapter", "to_sparse", "unmerge"]
+
+# Batched multi-adapter serving (issue 4): a pool of adapters, one adapter per token.
+from .modules import LoRIPoolLinear  # noqa: E402
+from .ops import batched_sparse_delta  # noqa: E402
+from .pool import AdapterPool  # noqa: E402
+
+__all__ += ["AdapterPool", "LoRIPoolLinear", "batched_sparse_delta"]

@@ -175,3 +175,90 @@ def merge_delta_(weight: torch.Tensor, b: PackedB, *, seed: int,
         _ops.merge_delta_(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
                           float(scale))
     return weight
+
+
+# ==== batched multi-adapter ops (issue 4) =====================================================
+# torch.ops.lori.batched_sparse_delta: many adapters of one AdapterPool in one batch, tokens
+# grouped by adapter inside the kernel. Autograd is registered in C++
+# (csrc/autograd_batched.cpp); its backward is lori::batched_sparse_delta_backward.
+
+def _check_batched_fake(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
+                        distributions, rank):
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension")
+    for name, t in (("adapter_ids", adapter_ids), ("masks", masks), ("values", values),
+                    ("value_starts", value_starts), ("offsets", offsets), ("seeds", seeds),
+                    ("scales", scales), ("distributions", distributions)):
+        torch._check(t.device == x.device,
+                     lambda: f"{op}: {name} is on {t.device} but x is on {x.device}")
+    torch._check(1 <= rank <= spec.MAX_RANK, lambda: f"{op}: rank out of range: {rank}")
+    torch._check(adapter_ids.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: adapter_ids must be int32 or int64")
+    torch._check(adapter_ids.dim() == 1 and adapter_ids.shape[0] * x.shape[-1] == x.numel(),
+                 lambda: f"{op}: adapter_ids must have shape (tokens,)")
+    torch._check(masks.dtype == torch.int32 and masks.dim() == 3
+                 and masks.shape[2] == spec.mask_words(rank),
+                 lambda: f"{op}: masks must be int32 (adapters, out_features, ceil(rank/32))")
+    n, out = masks.shape[0], masks.shape[1]
+    torch._check(values.dtype == x.dtype and values.dim() == 1,
+                 lambda: f"{op}: values must be 1-D in x's dtype")
+    torch._check(offsets.dtype == torch.int32 and offsets.dim() == 2
+                 and offsets.shape[0] == n and offsets.shape[1] == spec.num_chunks(out) + 1,
+                 lambda: f"{op}: offsets must be int32 (adapters, ceil(out_features/64)+1)")
+    for name, t, dt in (("value_starts", value_starts, torch.int64), ("seeds", seeds, torch.int64),
+                        ("scales", scales, torch.float32),
+                        ("distributions", distributions, torch.int32)):
+        torch._check(t.dtype == dt and t.dim() == 1 and t.shape[0] == n,
+                     lambda: f"{op}: {name} must be {dt} of shape (adapters,)")
+
+
+@torch.library.register_fake("lori::batched_sparse_delta")
+def _batched_sparse_delta_fake(x, adapter_ids, masks, values, value_starts, offsets, seeds,
+                               scales, distributions, rank, base=None):
+    _check_batched_fake("batched_sparse_delta", x, adapter_ids, masks, values, value_starts,
+                        offsets, seeds, scales, distributions, rank)
+    shape = (*x.shape[:-1], masks.shape[1])
+    if base is not None:
+        torch._check(base.shape == shape and base.dtype == x.dtype,
+                     lambda: "batched_sparse_delta: base must match (..., out_features), x dtype")
+    return x.new_empty(shape)
+
+
+@torch.library.register_fake("lori::batched_sparse_delta_backward")
+def _batched_sparse_delta_backward_fake(grad_y, x, adapter_ids, masks, values, value_starts,
+                                        offsets, seeds, scales, distributions, rank, need_x,
+                                        need_values):
+    _check_batched_fake("batched_sparse_delta_backward", x, adapter_ids, masks, values,
+                        value_starts, offsets, seeds, scales, distributions, rank)
+    torch._check(grad_y.shape == (*x.shape[:-1], masks.shape[1]),
+                 lambda: "batched_sparse_delta_backward: grad_y shape mismatch")
+    gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+    gv = values.new_empty(values.shape) if need_values else values.new_empty((0,))
+    return gx, gv
+
+
+def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
+                         base: torch.Tensor | None = None) -> torch.Tensor:
+    """Many LoRI adapters of one AdapterPool in one batch (punica BGMV semantics):
+
+        y[t] = base[t] + scale_a * (x[t] @ A_a^T) @ B_a^T,   a = adapter_ids[t]
+
+    with a == -1 meaning no adapter (y[t] = base[t], or 0 without base). x is
+    (..., in_features); adapter_ids holds one id per token (a tensor of slot indices, or a
+    sequence of adapter names / slot indices / None, resolved by pool.ids). Inside, tokens are
+    grouped by adapter, so each adapter's A is generated once per batch, not once per token.
+    `base` (shape (..., out_features), x's dtype) is the accumulate form: base + delta,
+    rounded once. Gradients flow to x, base and pool.values (every used adapter's B entries).
+    pool.values must be in x's dtype, else it is converted on every call.
+    """
+    from .pool import AdapterPool
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    if x.shape[-1] != pool.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features but the pool's adapters take "
+                         f"in_features={pool.in_features}")
+    ids = adapter_ids if isinstance(adapter_ids, torch.Tensor) else pool.ids(adapter_ids)
+    masks, values, starts, offsets, seeds, scales, dists, rank = pool.op_args()
+    if values.dtype != x.dtype:
+        values = values.to(x.dtype)
+    return _ops.batched_sparse_delta(x, ids.reshape(-1), masks, values, starts, offsets, seeds,
+                                     scales, dists, rank, base)

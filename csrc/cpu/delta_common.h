@@ -64,6 +64,13 @@ inline int64_t chunk_rows(const BView& b, int64_t c, int32_t* starts) {
 int64_t extract_chunk(const BView& b, int64_t c, int64_t rank, int64_t nnz, int32_t* k,
                       int32_t* row);
 
+// Reorders a chunk's row-major entry list so consecutive entries fall in different rows
+// (all rows' first entries, then all second entries, ...): loops that accumulate per row then
+// carry no dependency from one entry to the next. src_out[e] = the entry's index in the
+// row-major list (its values offset from the chunk start). Branch-free; returns n.
+int64_t interleave_entries(const int32_t* ks, const int32_t* rows, int64_t n, int64_t nrows,
+                           int32_t* k_out, int32_t* row_out, int32_t* src_out);
+
 // Calls f(scalar_t{}) for the three I/O dtypes of the fast kernels.
 template <typename F>
 void dispatch_io_type(at::ScalarType t, F&& f) {

@@ -20,52 +20,71 @@ namespace {
 
 // Over chunks [c0, c1): ghT_part (rank x Tp) += B^T gy^T (unscaled) when non-null, and
 // gv[p] = scale * sum_t gy[t, o] hT[k, t] for every entry p = (o, k) when gv is non-null.
-// Per chunk: the flat entry list once (extract_chunk), then per block of 8 tokens the chunk's
-// gy columns are transposed into token vectors g[row] and every entry does two FMAs.
-// Returns the first chunk that failed validation, or -1.
+// Per chunk: the flat entry list once (extract_chunk); then per group of up to kTokGroup
+// tokens, the chunk's gy columns are transposed into gT (64 rows x tokens) and each entry
+// runs two streaming loops over the tokens: a dot (gv) and an axpy (gh). Returns the first
+// chunk that failed validation, or -1.
+constexpr int64_t kTokGroup = 256;
+
 template <typename scalar_t>
 LORI_AVX2 int64_t gy_pass_avx2(const BView& b, int64_t rank, int64_t nnz, const scalar_t* gy,
                                int64_t T, int64_t Tp, const float* hT, float* ghT_part,
                                float* gv, float scale, int64_t c0, int64_t c1) {
   const size_t cap = static_cast<size_t>(kRowChunk * b.words * 32 + 8);
   std::vector<int32_t> ks(cap), rows(cap);
-  std::vector<float> gvacc(gv ? 8 * cap : 0);
-  alignas(32) float g[kRowChunk * 8];
+  std::vector<float> gvsum(gv ? cap : 0);
+  std::vector<float> gT(static_cast<size_t>(kRowChunk * kTokGroup));
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n = extract_chunk(b, c, rank, nnz, ks.data(), rows.data());
     if (n < 0) return c;
     if (n == 0) continue;
     const int64_t row0 = c * kRowChunk, nrows = std::min(b.out, row0 + kRowChunk) - row0;
     const float* v = b.values + b.offsets[c];
-    if (gv) std::fill(gvacc.begin(), gvacc.begin() + 8 * n, 0.f);
-    for (int64_t tb = 0; tb < Tp; tb += 8) {
-      const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
-      for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
-        const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
-        __m256 blk[8];
-        for (int l = 0; l < 8; ++l) {
-          const scalar_t* src = gy + (tb + l) * b.out + row0 + i0;
-          blk[l] = l >= nt ? _mm256_setzero_ps() : (no == 8 ? load8(src) : load_partial(src, no));
+    if (gv) std::fill(gvsum.begin(), gvsum.begin() + n, 0.f);
+    for (int64_t tg = 0; tg < Tp; tg += kTokGroup) {
+      const int64_t ng = std::min(kTokGroup, Tp - tg);  // multiple of 8
+      // gT[i][t - tg] = gy[t, row0 + i], zero past T.
+      for (int64_t tb = tg; tb < tg + ng; tb += 8) {
+        const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
+        for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
+          const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
+          __m256 blk[8];
+          for (int l = 0; l < 8; ++l) {
+            const scalar_t* src = gy + (tb + l) * b.out + row0 + i0;
+            blk[l] = l >= nt ? _mm256_setzero_ps() : (no == 8 ? load8(src) : load_partial(src, no));
+          }
+          transpose8x8(blk);
+          for (int i = 0; i < no; ++i) _mm256_storeu_ps(gT.data() + (i0 + i) * kTokGroup + (tb - tg), blk[i]);
         }
-        transpose8x8(blk);  // blk[i]: gy[tb..tb+7, row0 + i0 + i]
-        for (int i = 0; i < 8; ++i) _mm256_store_ps(g + 8 * (i0 + i), blk[i]);
       }
       for (int64_t e = 0; e < n; ++e) {
-        const __m256 ge = _mm256_load_ps(g + 8 * rows[e]);
-        const int64_t kofs = static_cast<int64_t>(ks[e]) * Tp + tb;
+        const float* gr = gT.data() + rows[e] * kTokGroup;
+        const int64_t kofs = static_cast<int64_t>(ks[e]) * Tp + tg;
+        if (gv) {
+          const float* hk = hT + kofs;
+          __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+          int64_t t = 0;
+          for (; t + 32 <= ng; t += 32) {
+            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(gr + t), _mm256_loadu_ps(hk + t), d0);
+            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(gr + t + 8), _mm256_loadu_ps(hk + t + 8), d1);
+            d2 = _mm256_fmadd_ps(_mm256_loadu_ps(gr + t + 16), _mm256_loadu_ps(hk + t + 16), d2);
+            d3 = _mm256_fmadd_ps(_mm256_loadu_ps(gr + t + 24), _mm256_loadu_ps(hk + t + 24), d3);
+          }
+          for (; t < ng; t += 8) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(gr + t), _mm256_loadu_ps(hk + t), d0);
+          gvsum[e] += hsum8(_mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)));
+        }
         if (ghT_part) {
           float* dst = ghT_part + kofs;
-          _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_set1_ps(v[e]), ge, _mm256_loadu_ps(dst)));
-        }
-        if (gv) {
-          float* acc = gvacc.data() + 8 * e;
-          _mm256_storeu_ps(acc, _mm256_fmadd_ps(ge, _mm256_loadu_ps(hT + kofs), _mm256_loadu_ps(acc)));
+          const __m256 ve = _mm256_set1_ps(v[e]);
+          for (int64_t t = 0; t < ng; t += 8) {
+            _mm256_storeu_ps(dst + t, _mm256_fmadd_ps(ve, _mm256_loadu_ps(gr + t), _mm256_loadu_ps(dst + t)));
+          }
         }
       }
     }
     if (gv) {
       float* out = gv + b.offsets[c];
-      for (int64_t e = 0; e < n; ++e) out[e] = scale * hsum8(_mm256_loadu_ps(gvacc.data() + 8 * e));
+      for (int64_t e = 0; e < n; ++e) out[e] = scale * gvsum[e];
     }
   }
   return -1;

@@ -12,150 +12,13 @@
 #include <atomic>
 #include <vector>
 
+#include "b_stage.h"
 #include "delta_common.h"
 #include "lori/bitmask.h"
 #include "simd.h"
 
 namespace lori::cpu {
 namespace {
-
-// Rows of y for chunks [c0, c1): for each block of 8 tokens, acc[row] (8 tokens) +=
-// v * hT[k] over the chunk's flat entry list, then 8x8 transposes write 8 outputs per token.
-// Returns the first chunk that failed validation, or -1.
-template <typename scalar_t>
-LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const float* hT,
-                               int64_t T, int64_t Tp, float scale, scalar_t* y, int64_t c0,
-                               int64_t c1) {
-  const size_t cap = static_cast<size_t>(kRowChunk * b.words * 32 + 8);
-  std::vector<int32_t> ks(cap), rows(cap);
-  alignas(32) float acc[kRowChunk * 8];
-  const __m256 vscale = _mm256_set1_ps(scale);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t n = extract_chunk(b, c, rank, nnz, ks.data(), rows.data());
-    if (n < 0) return c;
-    const int64_t row0 = c * kRowChunk, nrows = std::min(b.out, row0 + kRowChunk) - row0;
-    const float* v = b.values + b.offsets[c];
-    for (int64_t tb = 0; tb < Tp; tb += 8) {
-      std::fill(acc, acc + nrows * 8, 0.f);
-      for (int64_t e = 0; e < n; ++e) {
-        float* a = acc + 8 * rows[e];
-        _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(v[e]),
-                                           _mm256_loadu_ps(hT + ks[e] * Tp + tb),
-                                           _mm256_load_ps(a)));
-      }
-      const int nt = static_cast<int>(std::min<int64_t>(8, T - tb));
-      for (int64_t i0 = 0; i0 < nrows; i0 += 8) {
-        const int no = static_cast<int>(std::min<int64_t>(8, nrows - i0));
-        __m256 blk[8];
-        for (int i = 0; i < 8; ++i) blk[i] = _mm256_load_ps(acc + 8 * (i0 + i));
-        transpose8x8(blk);
-        for (int l = 0; l < nt; ++l) {
-          scalar_t* dst = y + (tb + l) * b.out + row0 + i0;
-          const __m256 val = _mm256_mul_ps(blk[l], vscale);
-          if (no == 8) {
-            store8(dst, val);
-          } else {
-            store_partial(dst, val, no);
-          }
-        }
-      }
-    }
-  }
-  return -1;
-}
-
-// Decode path (T <= 4): vectorize over B's columns instead of tokens. Each byte of a mask
-// row expands 8 packed values into a dense 8-lane vector (maskload + permute, no
-// data-dependent branches), multiplied with h's matching 8 entries; 8 rows' accumulators
-// reduce with an hadd tree. h is (NT, words * 32) fp32, zero past rank.
-struct ExpandTables {
-  alignas(32) int32_t perm[256][8];  // lane l <- packed index popcount(byte & ((1 << l) - 1))
-  alignas(32) int32_t lane[256][8];  // lane l set iff bit l of byte
-  alignas(32) int32_t prefix[9][8];  // first n lanes set (maskload of n packed values)
-  ExpandTables() {
-    for (int b = 0; b < 256; ++b) {
-      for (int l = 0; l < 8; ++l) {
-        perm[b][l] = __builtin_popcount(b & ((1 << l) - 1)) & 7;
-        lane[b][l] = (b >> l) & 1 ? -1 : 0;
-      }
-    }
-    for (int n = 0; n <= 8; ++n) {
-      for (int l = 0; l < 8; ++l) prefix[n][l] = l < n ? -1 : 0;
-    }
-  }
-};
-const ExpandTables kExpand;
-
-LORI_AVX2 inline __m256 reduce8(const __m256 a[8]) {
-  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-
-template <typename scalar_t, int NT>
-LORI_AVX2 int64_t apply_b_expand_avx2(const BView& b, int64_t rank, int64_t nnz, const float* h,
-                                      int64_t ldh, float scale, scalar_t* y, int64_t c0,
-                                      int64_t c1) {
-  const uint32_t last_valid = last_word_valid_bits(static_cast<int>(rank));
-  const __m256 vscale = _mm256_set1_ps(scale);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t row0 = c * kRowChunk, row1 = std::min(b.out, row0 + kRowChunk);
-    const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
-    if (o0 < 0 || o1 < o0 || o1 > nnz) return c;
-    // Validate the chunk before reading any of its values.
-    int64_t count = 0;
-    uint32_t stray = 0;
-    for (int64_t r = row0; r < row1; ++r) {
-      const uint32_t* w = b.mask + r * b.words;
-      for (int64_t q = 0; q < b.words; ++q) count += __builtin_popcount(w[q]);
-      stray |= w[b.words - 1] & ~last_valid;
-    }
-    if (stray != 0 || count != o1 - o0) return c;
-    const float* v = b.values + o0;
-    for (int64_t i0 = row0; i0 < row1; i0 += 8) {
-      __m256 acc[NT][8];
-      const int no = static_cast<int>(std::min<int64_t>(8, row1 - i0));
-      for (int i = 0; i < 8; ++i) {
-        for (int t = 0; t < NT; ++t) acc[t][i] = _mm256_setzero_ps();
-        if (i >= no) continue;
-        const uint32_t* w = b.mask + (i0 + i) * b.words;
-        for (int64_t q = 0; q < b.words; ++q) {
-          const uint32_t word = w[q];
-          for (int byte = 0; byte < 4; ++byte) {
-            // Offsets from masked popcounts, not a running pointer: the 4 bytes are independent.
-            const uint32_t bits = (word >> (8 * byte)) & 0xffu;
-            const int before = __builtin_popcount(word & ((1u << (8 * byte)) - 1u));
-            const int cnt = __builtin_popcount(bits);
-            const __m256 packed = _mm256_maskload_ps(
-                v + before, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.prefix[cnt])));
-            const __m256 dense = _mm256_and_ps(
-                _mm256_permutevar8x32_ps(
-                    packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.perm[bits]))),
-                _mm256_castsi256_ps(
-                    _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.lane[bits]))));
-            for (int t = 0; t < NT; ++t) {
-              acc[t][i] = _mm256_fmadd_ps(dense, _mm256_loadu_ps(h + t * ldh + 32 * q + 8 * byte),
-                                          acc[t][i]);
-            }
-          }
-          v += __builtin_popcount(word);
-        }
-      }
-      for (int t = 0; t < NT; ++t) {
-        const __m256 out = _mm256_mul_ps(reduce8(acc[t]), vscale);
-        scalar_t* dst = y + t * b.out + i0;
-        if (no == 8) {
-          store8(dst, out);
-        } else {
-          store_partial(dst, out, no);
-        }
-      }
-    }
-  }
-  return -1;
-}
 
 at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                             const at::Tensor& offsets, int64_t rank, int64_t seed,
@@ -191,18 +54,13 @@ at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const a
     std::atomic<int64_t> bad{-1};
     // Decode: h as (T, words * 32) rows for the column-vectorized expand path.
     at::Tensor hrow;
-    if (T <= 4) hrow = at::constant_pad_nd(hT.narrow(1, 0, T).t(), {0, s.words * 32 - rank}).contiguous();
+    if (T <= kExpandMaxTokens) hrow = at::constant_pad_nd(hT.narrow(1, 0, T).t(), {0, s.words * 32 - rank}).contiguous();
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       int64_t c = -1;
-      if (T <= 4) {
+      if (T <= kExpandMaxTokens) {
         const float* hr = hrow.data_ptr<float>();
         const int64_t ld = s.words * 32;
-        switch (T) {
-          case 1: c = apply_b_expand_avx2<scalar_t, 1>(b, rank, nnz, hr, ld, sc, yp, c0, c1); break;
-          case 2: c = apply_b_expand_avx2<scalar_t, 2>(b, rank, nnz, hr, ld, sc, yp, c0, c1); break;
-          case 3: c = apply_b_expand_avx2<scalar_t, 3>(b, rank, nnz, hr, ld, sc, yp, c0, c1); break;
-          default: c = apply_b_expand_avx2<scalar_t, 4>(b, rank, nnz, hr, ld, sc, yp, c0, c1); break;
-        }
+        c = apply_b_expand_any<scalar_t>(T, b, rank, nnz, hr, ld, sc, yp, c0, c1);
       } else {
         c = apply_b_avx2<scalar_t>(b, rank, nnz, h, T, Tp, sc, yp, c0, c1);
       }

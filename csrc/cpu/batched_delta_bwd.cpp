@@ -1,0 +1,90 @@
+// CPU backward of batched_sparse_delta: tokens grouped by adapter as in the forward, then
+// each segment is one call of the single-adapter backward (lori::sparse_delta_backward,
+// through the dispatcher) on the segment's rows:
+//   grad_x[t]                  = scales[a] * (grad_y[t] @ B_a) @ A_a         (0 where a == -1)
+//   grad_values[extent of a]   = scales[a] * (grad_y[seg]^T @ h[seg]) on a's mask
+// so every adapter in the batch gets its B gradient (multi-task training in one batch);
+// values outside the used adapters' extents get 0.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "batched_delta.h"
+
+namespace lori::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> call_single_backward(
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+    const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
+    double scale, bool need_x, bool need_values) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lori::sparse_delta_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, int64_t, int64_t, c10::string_view, double, bool, bool)>();
+  return op.call(gy, x, mask, values, offsets, rank, seed, distribution, scale, need_x,
+                 need_values);
+}
+
+at::Tensor rows(const at::Tensor& t2, const at::Tensor& perm, const Segment& seg) {
+  if (seg.contiguous_from >= 0) return t2.narrow(0, seg.contiguous_from, seg.len);
+  return t2.index_select(0, perm.narrow(0, seg.start, seg.len));
+}
+
+std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ids, const at::Tensor& masks,
+    const at::Tensor& values, const at::Tensor& value_starts, const at::Tensor& offsets,
+    const at::Tensor& seeds, const at::Tensor& scales, const at::Tensor& distributions,
+    int64_t rank, bool need_x, bool need_values) {
+  const char* op = "batched_sparse_delta_backward";
+  const BatchedShape s = check_batched_args(op, x, ids, masks, values, value_starts, offsets,
+                                            seeds, scales, distributions, rank);
+  check_batched_out_like(op, "grad_y", grad_y, x, s);
+  const Grouping g = group_tokens(op, ids, value_starts, offsets, seeds, scales, distributions,
+                                  values.numel(), s);
+  at::Tensor gx = need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gv = need_values ? at::zeros_like(values, at::MemoryFormat::Contiguous)
+                              : at::empty({0}, values.options());
+  const int64_t T = s.tokens;
+  if (T == 0 || s.out_features == 0 || g.segs.empty() || (!need_x && !need_values)) {
+    return {gx, gv};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;  // the per-segment calls record no graph
+  const at::Tensor x2 = x.reshape({T, s.in_features});
+  const at::Tensor gy2 = grad_y.reshape({T, s.out_features});
+  at::Tensor gx2 = need_x ? gx.view({T, s.in_features}) : at::Tensor();
+  const at::Tensor perm = at::from_blob(const_cast<int64_t*>(g.perm.data()),
+                                        {static_cast<int64_t>(g.perm.size())}, at::kLong);
+  for (const Segment& seg : g.segs) {
+    const int64_t a = seg.adapter;
+    at::Tensor gxs, gvs;
+    try {
+      std::tie(gxs, gvs) = call_single_backward(
+          rows(gy2, perm, seg).contiguous(), rows(x2, perm, seg), masks[a],
+          values.narrow(0, seg.value_start, seg.nnz), offsets[a], rank,
+          static_cast<int64_t>(static_cast<uint64_t>(seg.gen.k0) |
+                               (static_cast<uint64_t>(seg.gen.k1) << 32)),
+          distribution_name(seg.gen.dist), seg.scale, need_x, need_values);
+    } catch (const c10::ValueError& e) {  // name the adapter
+      TORCH_CHECK_VALUE(false, adapter_op(op, a), ": ", e.what_without_backtrace());
+    }
+    if (need_x) {
+      if (seg.contiguous_from >= 0) {
+        gx2.narrow(0, seg.contiguous_from, seg.len).copy_(gxs);
+      } else {
+        gx2.index_copy_(0, perm.narrow(0, seg.start, seg.len), gxs);
+      }
+    }
+    if (need_values) gv.narrow(0, seg.value_start, seg.nnz).copy_(gvs);
+  }
+  return {gx, gv};
+}
+
+}  // namespace
+}  // namespace lori::cpu
+
+TORCH_LIBRARY_IMPL(lori, CPU, m) {
+  m.impl("batched_sparse_delta_backward", &lori::cpu::batched_sparse_delta_backward_cpu);
+}

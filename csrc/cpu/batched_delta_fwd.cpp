@@ -1,0 +1,298 @@
+// CPU forward of batched_sparse_delta: many adapters of one pool in one batch.
+//
+//   y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]  (a == -1: base[t])
+//
+// Tokens are grouped by adapter with a stable counting sort (punica SGMV / vLLM lora_shrink
+// style: segments of one adapter, -1 = none), so each adapter's A is generated once per
+// group, not per token. Per segment the single-adapter pieces run unchanged: compute_hT
+// (direct A-row dots for <= 16 tokens, MKL GEMM over A tiles above), then the B stage
+// (b_stage.h: column-expand kernel for <= 4 tokens, 8-token kernel above) writing straight
+// into the tokens' rows of y. Work is spread over (segment) items for the A stage and over
+// (segment, chunk group) items for the B stage, taken dynamically by the threads, so 64
+// adapters with one token each use every core as well as one long prefill segment does.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "b_stage.h"
+#include "batched_delta.h"
+#include "delta_common.h"
+#include "lori/bitmask.h"
+#include "lori/philox.h"
+
+namespace lori::cpu {
+
+const char* distribution_name(int dist) { return dist == kRademacher ? "rademacher" : "uniform"; }
+
+Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& value_starts,
+                      const at::Tensor& offsets, const at::Tensor& seeds,
+                      const at::Tensor& scales, const at::Tensor& distributions,
+                      int64_t num_values, const BatchedShape& s) {
+  TORCH_CHECK(ids.device().is_cpu(), op, ": adapter_ids must be a CPU tensor here");
+  const at::Tensor id64 = ids.to(at::kLong).contiguous();
+  const int64_t* id = id64.data_ptr<int64_t>();
+  const int64_t T = s.tokens, N = s.adapters;
+  std::vector<int64_t> count(static_cast<size_t>(N) + 1, 0);  // [0] counts id -1
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK_VALUE(id[t] >= -1 && id[t] < N, op, ": adapter_ids[", t, "] = ", id[t],
+                      " is out of range for a pool of ", N, " adapters (valid: -1 for none, 0..",
+                      N - 1, ")");
+    ++count[id[t] + 1];
+  }
+  Grouping g;
+  g.perm.resize(static_cast<size_t>(T - count[0]));
+  g.idle.reserve(static_cast<size_t>(count[0]));
+  std::vector<int64_t> pos(static_cast<size_t>(N) + 1, 0);
+  const at::Tensor vs = value_starts.contiguous(), off = offsets.contiguous();
+  const at::Tensor sd = seeds.contiguous(), sc = scales.contiguous(), di = distributions.contiguous();
+  const int64_t* vsp = vs.data_ptr<int64_t>();
+  const int32_t* offp = off.data_ptr<int32_t>();
+  const int64_t* sdp = sd.data_ptr<int64_t>();
+  const float* scp = sc.data_ptr<float>();
+  const int32_t* dip = di.data_ptr<int32_t>();
+  int64_t p = 0;
+  for (int64_t a = 0; a < N; ++a) {
+    pos[a + 1] = p;
+    if (count[a + 1] == 0) continue;
+    Segment seg;
+    seg.adapter = a;
+    seg.start = p;
+    seg.len = count[a + 1];
+    p += seg.len;
+    const int32_t* o = offp + a * (s.chunks + 1);
+    seg.value_start = vsp[a];
+    seg.nnz = o[s.chunks];
+    TORCH_CHECK_VALUE(o[0] == 0, op, ": offsets[", a, ", 0] must be 0, got ", o[0]);
+    TORCH_CHECK_VALUE(seg.value_start >= 0 && seg.nnz >= 0 &&
+                          seg.value_start + seg.nnz <= num_values,
+                      op, ": adapter ", a, "'s values [", seg.value_start, ", ",
+                      seg.value_start + seg.nnz, ") do not lie within the values buffer (",
+                      num_values, " entries)");
+    const int dist = dip[a];
+    TORCH_CHECK_VALUE(dist == kRademacher || dist == kUniform, op, ": distributions[", a,
+                      "] = ", dist, " is not 1 (rademacher) or 2 (uniform)");
+    const uint64_t useed = static_cast<uint64_t>(sdp[a]);
+    seg.gen.k0 = static_cast<uint32_t>(useed);
+    seg.gen.k1 = static_cast<uint32_t>(useed >> 32);
+    seg.gen.dist = dist;
+    seg.gen.in_features = s.in_features;
+    seg.gen.magnitude = a_magnitude(dist, s.in_features);
+    seg.scale = scp[a];
+    g.segs.push_back(seg);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (id[t] < 0) {
+      g.idle.push_back(t);
+    } else {
+      g.perm[pos[id[t] + 1]++] = t;
+    }
+  }
+  for (auto& seg : g.segs) {
+    const int64_t* q = g.perm.data() + seg.start;
+    bool run = true;
+    for (int64_t j = 1; j < seg.len && run; ++j) run = q[j] == q[0] + j;
+    seg.contiguous_from = run ? q[0] : -1;
+  }
+  return g;
+}
+
+std::string adapter_op(const char* op, int64_t a) {
+  return std::string(op) + " (adapter " + std::to_string(a) + ")";
+}
+
+namespace {
+
+DeltaShape segment_shape(const BatchedShape& s, const Segment& seg) {
+  DeltaShape d;
+  d.tokens = seg.len;
+  d.in_features = s.in_features;
+  d.out_features = s.out_features;
+  d.rank = s.rank;
+  d.words = s.words;
+  d.gen = seg.gen;
+  return d;
+}
+
+// x's rows of a segment: a view when they are consecutive tokens, else a gather.
+at::Tensor segment_rows(const at::Tensor& x2, const at::Tensor& perm, const Segment& seg) {
+  if (seg.contiguous_from >= 0) return x2.narrow(0, seg.contiguous_from, seg.len);
+  return x2.index_select(0, perm.narrow(0, seg.start, seg.len));
+}
+
+template <typename scalar_t>
+LORI_AVX2 void to_f32(const scalar_t* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(src + j));
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// Runs f(i) for i in [0, n), items taken dynamically by the intra-op threads (or inline).
+template <typename F>
+void for_each_item(int64_t n, F&& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
+  });
+}
+
+at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
+                                    const at::Tensor& masks, const at::Tensor& values,
+                                    const at::Tensor& value_starts, const at::Tensor& offsets,
+                                    const at::Tensor& seeds, const at::Tensor& scales,
+                                    const at::Tensor& distributions, int64_t rank,
+                                    const std::optional<at::Tensor>& base) {
+  const char* op = "batched_sparse_delta";
+  const BatchedShape s = check_batched_args(op, x, ids, masks, values, value_starts, offsets,
+                                            seeds, scales, distributions, rank);
+  const bool accumulate = base.has_value() && base->defined();
+  if (accumulate) check_batched_out_like(op, "base", *base, x, s);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = s.out_features;
+  at::Tensor y = accumulate ? base->clone(at::MemoryFormat::Contiguous)
+                            : at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t T = s.tokens, out = s.out_features;
+  const Grouping g = group_tokens(op, ids, value_starts, offsets, seeds, scales, distributions,
+                                  values.numel(), s);
+  if (T == 0 || out == 0) return y;
+  at::Tensor y2 = y.view({T, out});
+  if (!accumulate && !g.idle.empty()) {
+    if (g.idle.size() == static_cast<size_t>(T)) return y.zero_();
+    y2.index_fill_(0, at::tensor(g.idle, at::kLong), 0);
+  }
+  if (g.segs.empty()) return y;
+  const at::Tensor x2 = x.reshape({T, s.in_features});
+  const at::Tensor perm = at::from_blob(const_cast<int64_t*>(g.perm.data()),
+                                        {static_cast<int64_t>(g.perm.size())}, at::kLong);
+  const at::Tensor m = masks.contiguous(), off = offsets.contiguous();
+  const auto* mp = reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>());
+  const int32_t* offp = off.data_ptr<int32_t>();
+  const int64_t nseg = static_cast<int64_t>(g.segs.size());
+
+  if (use_generic_path(x)) {  // float64 (gradcheck) and CPUs without AVX2
+    for (const Segment& seg : g.segs) {
+      const int64_t a = seg.adapter;
+      const at::Tensor mk = m[a], of = off[a], v = values.narrow(0, seg.value_start, seg.nnz);
+      check_bitmask_cpu(adapter_op(op, a).c_str(), mk, of, rank, seg.nnz);
+      const at::Tensor ys = sparse_delta_generic(segment_rows(x2, perm, seg), mk, v,
+                                                 segment_shape(s, seg), seg.scale);
+      const at::Tensor idx = perm.narrow(0, seg.start, seg.len);
+      if (accumulate) {
+        y2.index_add_(0, idx, ys);
+      } else {
+        y2.index_copy_(0, idx, ys);
+      }
+    }
+    return y;
+  }
+
+  // B values as fp32: the pool's own buffer when it is fp32, else the used extents converted.
+  // readable[i]: values readable from vptr[i] (lets the B kernels use plain 8-wide loads).
+  std::vector<const float*> vptr(static_cast<size_t>(nseg));
+  std::vector<int64_t> readable(static_cast<size_t>(nseg));
+  at::Tensor vconv;  // keeps a contiguous copy of fp32 values alive
+  if (values.scalar_type() == at::kFloat) {
+    const at::Tensor vc = values.contiguous();  // a view for the pool's (contiguous) buffer
+    for (int64_t i = 0; i < nseg; ++i) {
+      vptr[i] = vc.data_ptr<float>() + g.segs[i].value_start;
+      readable[i] = vc.numel() - g.segs[i].value_start;
+    }
+    vconv = vc;
+  } else {
+    std::vector<int64_t> at_(static_cast<size_t>(nseg) + 1, 0);
+    for (int64_t i = 0; i < nseg; ++i) at_[i + 1] = at_[i] + g.segs[i].nnz;
+    // Reused across calls on this thread (grow-only): a fresh multi-MB buffer per call would
+    // cost a page fault per 4 KiB.
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < static_cast<size_t>(at_[nseg] + 8)) scratch.resize(at_[nseg] + 8);
+    float* dst = scratch.data();
+    for (int64_t i = 0; i < nseg; ++i) {
+      vptr[i] = dst + at_[i];
+      readable[i] = at_[nseg] + 8 - at_[i];
+    }
+    const at::Tensor vc = values.contiguous();
+    dispatch_io_type(values.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const scalar_t* src = vc.data_ptr<scalar_t>();
+      for_each_item(nseg, [&](int64_t i) {
+        to_f32(src + g.segs[i].value_start, dst + at_[i], g.segs[i].nnz);
+      });
+    });
+  }
+
+  // Stage 1: hT (rank, round_up8(len)) per segment. Small segments (direct path) are items
+  // of one parallel loop; GEMM-sized ones (and a few small ones) parallelize inside.
+  std::vector<at::Tensor> hT(static_cast<size_t>(nseg));
+  std::vector<int64_t> small;
+  for (int64_t i = 0; i < nseg; ++i) {
+    if (g.segs[i].len <= kDirectMaxTokens) small.push_back(i);
+  }
+  const bool items = static_cast<int64_t>(small.size()) >= 2 * at::get_num_threads();
+  for (int64_t i = 0; i < nseg; ++i) {
+    if (items && g.segs[i].len <= kDirectMaxTokens) continue;
+    hT[i] = compute_hT(segment_rows(x2, perm, g.segs[i]), segment_shape(s, g.segs[i]));
+  }
+  if (items) {
+    for_each_item(static_cast<int64_t>(small.size()), [&](int64_t j) {
+      const Segment& seg = g.segs[small[j]];
+      hT[small[j]] = compute_hT(segment_rows(x2, perm, seg), segment_shape(s, seg));
+    });
+  }
+
+  // Stage 2: B per (segment, group of chunks).
+  const int64_t group = 4, per_seg = (s.chunks + group - 1) / group, hw = s.words * 32;
+  std::atomic<int64_t> bad{-1};
+  dispatch_io_type(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* yp = y2.data_ptr<scalar_t>();
+    for_each_item(nseg * per_seg, [&](int64_t item) {
+      const int64_t i = item / per_seg, c0 = (item % per_seg) * group;
+      const int64_t c1 = std::min(s.chunks, c0 + group);
+      const Segment& seg = g.segs[i];
+      const int64_t a = seg.adapter;
+      const BView b{mp + a * out * s.words, vptr[i], offp + a * (s.chunks + 1), out, s.words};
+      const float* h = hT[i].data_ptr<float>();
+      const int64_t Tp = hT[i].size(1);
+      const int64_t* tok = g.perm.data() + seg.start;
+      int64_t c;
+      if (seg.len <= kExpandMaxTokens) {
+        alignas(32) float hrow[kExpandMaxTokens * kMaxRank];
+        std::fill(hrow, hrow + seg.len * hw, 0.f);
+        for (int64_t t = 0; t < seg.len; ++t) {
+          for (int64_t k = 0; k < rank; ++k) hrow[t * hw + k] = h[k * Tp + t];
+        }
+        c = apply_b_expand_any<scalar_t>(seg.len, b, rank, seg.nnz, hrow, hw, seg.scale, yp,
+                                         c0, c1, tok, accumulate, readable[i]);
+      } else {
+        c = apply_b_avx2<scalar_t>(b, rank, seg.nnz, h, seg.len, Tp, seg.scale, yp, c0, c1,
+                                   tok, accumulate);
+      }
+      if (c >= 0) bad.store(a);
+    });
+  });
+  if (bad.load() >= 0) {
+    const int64_t a = bad.load();
+    int64_t nnz = 0;
+    for (const auto& seg : g.segs) {
+      if (seg.adapter == a) nnz = seg.nnz;
+    }
+    check_bitmask_cpu(adapter_op(op, a).c_str(), m[a], off[a], rank, nnz);  // names the problem
+    TORCH_CHECK_VALUE(false, op, ": adapter ", a, "'s mask and offsets disagree");
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace lori::cpu
+
+TORCH_LIBRARY_IMPL(lori, CPU, m) {
+  m.impl("batched_sparse_delta", &lori::cpu::batched_sparse_delta_cpu);
+}
