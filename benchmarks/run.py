@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from . import bench_batched as bb
 from . import bench_sparse_delta as bsd
 from .harness import machine
 
@@ -57,7 +58,9 @@ def run(quick: bool) -> dict:
     agen = bsd.a_generation()
     log("A generation: " + ", ".join(f"{k} {v['elements_per_s']/1e9:.2f} Gelem/s" for k, v in agen.items()))
     sizes = bsd.adapter_bytes()
-    return {"machine": machine(), "rows": rows, "a_generation": agen, "adapter_bytes": sizes}
+    batched = bb.run(quick, log=log)
+    return {"machine": machine(), "rows": rows, "a_generation": agen, "adapter_bytes": sizes,
+            "batched": batched}
 
 
 def ratios(rows):
@@ -91,6 +94,8 @@ def report(data) -> str:
         lines.append(f"| LoRI, {s['values_dtype']} values (mask {s['mask_bytes']} + values "
                      f"{s['values_bytes']} + offsets {s['offsets_bytes']}) | {s['ours_bytes']} | {s['ratio']:.3f} |")
     lines.append(f"| dense bf16 LoRA (A + B) | {data['adapter_bytes'][0]['dense_bf16_lora_bytes']} | 1 |")
+    if "batched" in data:
+        lines += ["", "Batched multi-adapter (`batched_sparse_delta`):", "", bb.report(data["batched"])]
     return "\n".join(lines) + "\n"
 
 
@@ -99,9 +104,11 @@ def write(data):
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
         json.dump(data, f, indent=1)
     with open(os.path.join(RESULTS, "latest.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(data["rows"][0].keys()))
+        rows = data["rows"] + data.get("batched", {}).get("rows", [])
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows(data["rows"])
+        w.writerows(rows)
     md = report(data)
     with open(os.path.join(RESULTS, "report.md"), "w") as f:
         f.write("# Benchmark report (CPU)\n\nWritten by `make bench` (python -m benchmarks.run).\n\n" + md)
