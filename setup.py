@@ -54,7 +54,10 @@ def _ext_modules():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -mpopcnt: x86-64-v2 baseline; the bitmask walks are popcount-bound. AVX2 code paths
     # carry their own target attributes and are chosen at runtime.
-    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel`; without
+    # the flag it silently runs on one thread.
+    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    link = ["-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         cxx.append("-mpopcnt")
     define_macros = []
@@ -65,10 +68,12 @@ def _ext_modules():
                 "-Xcompiler", "-Wall", "-Xcompiler", "-Wno-unused-function"]
         ext = ce.CUDAExtension("lori_kernels._C", sources, include_dirs=include_dirs,
                                define_macros=define_macros + [("LORI_WITH_CUDA", "1")],
-                               extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                               extra_link_args=link)
     else:
         ext = ce.CppExtension("lori_kernels._C", sources, include_dirs=include_dirs,
-                              define_macros=define_macros, extra_compile_args={"cxx": cxx})
+                              define_macros=define_macros, extra_compile_args={"cxx": cxx},
+                              extra_link_args=link)
     print(f"lori_kernels: building {'C++ + CUDA' if build_cuda else 'C++ only'} "
           f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
     cmdclass = {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}

@@ -2,40 +2,16 @@
 // quarter of a decode step's budget. Gradients flow to x and to B's packed values only (A is
 // frozen); the backward is the registered op lori::sparse_delta_backward, so torch.compile
 // traces it like any other op.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_handles.h"
 
 namespace lori {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-                        const at::Tensor& offsets, int64_t rank, int64_t seed,
-                        c10::string_view distribution, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lori::sparse_delta", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t, int64_t, c10::string_view,
-                                         double)>();
-  return op.call(x, mask, values, offsets, rank, seed, distribution, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-    const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
-    double scale, bool need_x, bool need_values) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lori::sparse_delta_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, int64_t, int64_t, c10::string_view, double, bool, bool)>();
-  return op.call(gy, x, mask, values, offsets, rank, seed, distribution, scale, need_x,
-                 need_values);
-}
 
 class SparseDelta : public torch::autograd::Function<SparseDelta> {
  public:
@@ -48,7 +24,7 @@ class SparseDelta : public torch::autograd::Function<SparseDelta> {
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["distribution"] = std::string(distribution);
     ctx->saved_data["scale"] = scale;
-    return call_forward(x, mask, values, offsets, rank, seed, distribution, scale);
+    return sparse_delta_op().call(x, mask, values, offsets, rank, seed, distribution, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -56,7 +32,7 @@ class SparseDelta : public torch::autograd::Function<SparseDelta> {
     const bool need_x = ctx->needs_input_grad(0), need_values = ctx->needs_input_grad(2);
     at::Tensor gx, gv;
     if (need_x || need_values) {
-      std::tie(gx, gv) = call_backward(
+      std::tie(gx, gv) = sparse_delta_backward_op().call(
           grad_outputs[0].contiguous(), saved[0], saved[1], saved[2], saved[3],
           ctx->saved_data["rank"].toInt(), ctx->saved_data["seed"].toInt(),
           ctx->saved_data["distribution"].toStringRef(), ctx->saved_data["scale"].toDouble(),

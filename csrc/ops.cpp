@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/avx512.h"
 #include "lori/bitmask.h"
 #include "lori/philox.h"
 
@@ -104,6 +105,10 @@ TORCH_LIBRARY(lori, m) {
   // Philox4x32-10 blocks for int32 counters (N, 4) under a 64-bit seed: the spec's RNG
   // exposed for known-answer tests of the shared header.
   m.def("philox4x32_10(Tensor counters, int seed) -> Tensor");
+  // Caps the CPU kernels' instruction set ("auto" | "avx512" | "avx2" | "generic"; "auto"
+  // restores the best the CPU has) so tests run every vector path on one machine. Returns
+  // the previous level.
+  m.def("_set_cpu_isa(str isa) -> str", &lori::cpu::set_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(lori, CompositeExplicitAutograd, m) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lori/philox.h"
+#include "avx512.h"
 #include "simd.h"
 
 namespace lori::cpu {
@@ -130,7 +131,10 @@ LORI_AVX2 void words_to_floats_avx2(int dist, float mag, const uint32_t* words, 
 
 void gen_a_words(const AGenParams& g, int64_t r0, int64_t r1, int64_t b0, int64_t nb,
                  uint32_t* words) {
-  if (has_avx2()) {
+  const int isa = cpu_isa();
+  if (isa >= 2) {
+    tile_words_avx512(g, r0, b0, nb, (r1 - r0) * nb, words);
+  } else if (isa == 1) {
     tile_words_avx2(g, r0, b0, nb, (r1 - r0) * nb, words);
   } else {
     tile_words_scalar(g, r0, b0, nb, (r1 - r0) * nb, words);
@@ -144,12 +148,8 @@ void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t
   const int64_t b0 = c0 >> sh, nb = ((c1 - 1) >> sh) + 1 - b0, nr = r1 - r0;
   thread_local std::vector<uint32_t> words;
   words.resize(static_cast<size_t>(nr * nb * 4) + 8);
-  const bool avx2 = has_avx2();
-  if (avx2) {
-    tile_words_avx2(g, r0, b0, nb, nr * nb, words.data());
-  } else {
-    tile_words_scalar(g, r0, b0, nb, nr * nb, words.data());
-  }
+  gen_a_words(g, r0, r1, b0, nb, words.data());
+  const bool avx2 = cpu_isa() >= 1;
   const int64_t e0 = c0 - (b0 << sh);
   for (int64_t r = 0; r < nr; ++r) {
     const uint32_t* w = words.data() + r * nb * 4;

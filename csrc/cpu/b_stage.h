@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx512.h"
 #include "delta_common.h"
 #include "lori/bitmask.h"
 #include "simd.h"
@@ -211,6 +212,10 @@ LORI_AVX2 int64_t apply_b_expand_any(int64_t T, const BView& b, int64_t rank, in
                                      const float* h, int64_t ldh, float scale, scalar_t* y,
                                      int64_t c0, int64_t c1, const int64_t* tok = nullptr,
                                      bool accumulate = false, int64_t readable = -1) {
+  if (use_avx512()) {
+    return apply_b_expand_avx512<scalar_t>(T, b, rank, nnz, h, ldh, scale, y, c0, c1, tok,
+                                           accumulate);
+  }
   switch (T) {
     case 1: return apply_b_expand_avx2<scalar_t, 1>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate, readable);
     case 2: return apply_b_expand_avx2<scalar_t, 2>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate, readable);

@@ -9,24 +9,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "../op_handles.h"
 #include "batched_delta.h"
 
 namespace lori::cpu {
 namespace {
-
-std::tuple<at::Tensor, at::Tensor> call_single_backward(
-    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-    const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
-    double scale, bool need_x, bool need_values) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lori::sparse_delta_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, int64_t, int64_t, c10::string_view, double, bool, bool)>();
-  return op.call(gy, x, mask, values, offsets, rank, seed, distribution, scale, need_x,
-                 need_values);
-}
 
 at::Tensor rows(const at::Tensor& t2, const at::Tensor& perm, const Segment& seg) {
   if (seg.contiguous_from >= 0) return t2.narrow(0, seg.contiguous_from, seg.len);
@@ -61,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
     const int64_t a = seg.adapter;
     at::Tensor gxs, gvs;
     try {
-      std::tie(gxs, gvs) = call_single_backward(
+      std::tie(gxs, gvs) = sparse_delta_backward_op().call(
           rows(gy2, perm, seg).contiguous(), rows(x2, perm, seg), masks[a],
           values.narrow(0, seg.value_start, seg.nnz), offsets[a], rank,
           static_cast<int64_t>(static_cast<uint64_t>(seg.gen.k0) |

@@ -7,6 +7,7 @@
 
 #include "agen.h"
 #include "lori/bitmask.h"
+#include "avx512.h"
 #include "simd.h"
 
 namespace lori::cpu {
@@ -234,7 +235,7 @@ at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {
   if (T <= kDirectMaxTokens) {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     const float* xp = xf.data_ptr<float>();
-    const bool avx2 = has_avx2();
+    const int isa = cpu_isa();
     const bool signs = s.gen.dist == kRademacher;
     const int64_t nb = ((in - 1) >> elems_per_block_log2(s.gen.dist)) + 1;
     at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
@@ -250,7 +251,9 @@ at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {
           gen_a_tile(s.gen, r, r + 1, 0, in, row.data(), in);
           a.values = row.data();
         }
-        if (avx2) {
+        if (signs && isa >= 2) {
+          dot_rows_signs_avx512(xp, T, in, in, a.signs, a.magnitude, h + r * Tp);
+        } else if (isa >= 1) {
           dot_rows_avx2(xp, T, in, in, a, h + r * Tp);
         } else {
           dot_rows_scalar(xp, T, in, in, a, h + r * Tp);

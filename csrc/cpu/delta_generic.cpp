@@ -7,12 +7,13 @@
 
 #include "agen.h"
 #include "delta_common.h"
+#include "avx512.h"
 #include "simd.h"
 
 namespace lori::cpu {
 
 bool use_generic_path(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble || !has_avx2();
+  return x.scalar_type() == at::kDouble || cpu_isa() < 1;
 }
 
 namespace {

@@ -1,0 +1,303 @@
+// GCC 12's AVX-512 headers build masked loads on _mm512_undefined_*(), which -Wuninitialized
+// flags at every inlined use (a known false positive): silence it for this file only.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "avx512.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+
+#include "lori/bitmask.h"
+#include "lori/philox.h"
+#include "simd.h"
+
+#define LORI_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c,bmi2")))
+
+namespace lori::cpu {
+
+namespace {
+std::atomic<int> g_isa_cap{2};
+
+int detected_isa() {
+  static const int isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("bmi2") && has_avx2()) {
+      return 2;
+    }
+    return has_avx2() ? 1 : 0;
+  }();
+  return isa;
+}
+}  // namespace
+
+int cpu_isa() { return std::min(detected_isa(), g_isa_cap.load(std::memory_order_relaxed)); }
+bool use_avx512() { return cpu_isa() >= 2; }
+
+std::string set_cpu_isa(c10::string_view isa) {
+  const int before = cpu_isa();
+  int cap;
+  if (isa == "auto" || isa == "avx512") {
+    cap = 2;
+  } else if (isa == "avx2") {
+    cap = 1;
+  } else if (isa == "generic") {
+    cap = 0;
+  } else {
+    TORCH_CHECK_VALUE(false, "_set_cpu_isa: isa must be auto, avx512, avx2 or generic, got '",
+                      std::string(isa), "'");
+  }
+  g_isa_cap.store(cap);
+  static const char* names[] = {"generic", "avx2", "avx512"};
+  return names[before];
+}
+
+namespace {
+
+// Horizontal sum (GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its own header).
+LORI_AVX512 inline float hsum16(__m512 v) {
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+LORI_AVX512 inline void mulhilo16(__m512i m, __m512i c, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(c, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+LORI_AVX512 void philox16(uint32_t k0, uint32_t k1, __m512i c0, __m512i c1, __m512i c2,
+                          __m512i c3, uint32_t* words) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo16(m0, c0, hi0, lo0);
+    mulhilo16(m1, c2, hi1, lo1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+  }
+  // 4 x 16 (word-major) -> 16 x 4 (counter-major).
+  const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+  const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+  const __m512i v01 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m512i v23 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m512i w01 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1));
+  const __m512i w23 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 1, 3, 1));
+  _mm512_storeu_si512(words, _mm512_shuffle_i32x4(v01, v23, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_si512(words + 16, _mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_si512(words + 32, _mm512_shuffle_i32x4(v01, v23, _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_storeu_si512(words + 48, _mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+}  // namespace
+
+LORI_AVX512 void tile_words_avx512(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb,
+                                   int64_t n, uint32_t* words) {
+  const __m512i c2 = _mm512_set1_epi32(g.dist), c3 = _mm512_setzero_si512();
+  alignas(64) uint32_t blk[16], row[16];
+  int64_t p = 0;
+  for (; p + 16 <= n; p += 16) {
+    for (int i = 0; i < 16; ++i) {
+      blk[i] = static_cast<uint32_t>(b0 + (p + i) % nb);
+      row[i] = static_cast<uint32_t>(r0 + (p + i) / nb);
+    }
+    philox16(g.k0, g.k1, _mm512_load_si512(blk), _mm512_load_si512(row), c2, c3, words + 4 * p);
+  }
+  for (; p < n; ++p) {
+    const U32x4 o = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(b0 + p % nb),
+                            static_cast<uint32_t>(r0 + p / nb));
+    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
+  }
+}
+
+namespace {
+
+// Sign dot of NT tokens (NT == 1: four accumulators; NT == 4: two per token).
+template <int NT>
+LORI_AVX512 void sign_dot_group(const float* x, int64_t n, int64_t ldx, const uint32_t* signs,
+                                float magnitude, float* out) {
+  constexpr int NA = NT == 1 ? 4 : 2;
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  __m512 acc[NT][NA];
+  for (int t = 0; t < NT; ++t) {
+    for (int a = 0; a < NA; ++a) acc[t][a] = _mm512_setzero_ps();
+  }
+  int64_t j = 0;
+  int flip = 0;
+  for (; j + 32 <= n; j += 32, flip ^= 1) {
+    const uint32_t w = signs[j >> 5];
+    const __mmask16 k0 = static_cast<__mmask16>(w), k1 = static_cast<__mmask16>(w >> 16);
+    for (int t = 0; t < NT; ++t) {
+      const float* xt = x + t * ldx + j;
+      const __m512 x0 = _mm512_loadu_ps(xt), x1 = _mm512_loadu_ps(xt + 16);
+      const int a0 = NA == 4 ? 2 * flip : 0;
+      acc[t][a0] = _mm512_add_ps(acc[t][a0], _mm512_mask_xor_ps(x0, k0, x0, sign));
+      acc[t][a0 + 1] = _mm512_add_ps(acc[t][a0 + 1], _mm512_mask_xor_ps(x1, k1, x1, sign));
+    }
+  }
+  if (j < n) {  // tail: zero lanes past n add nothing
+    const uint32_t w = signs[j >> 5];
+    const int64_t rem = n - j;
+    const __mmask16 l0 = static_cast<__mmask16>(rem >= 16 ? 0xffff : (1u << rem) - 1u);
+    const __mmask16 l1 = static_cast<__mmask16>(rem <= 16 ? 0 : (1u << (rem - 16)) - 1u);
+    const __mmask16 k0 = static_cast<__mmask16>(w), k1 = static_cast<__mmask16>(w >> 16);
+    for (int t = 0; t < NT; ++t) {
+      const float* xt = x + t * ldx + j;
+      const __m512 x0 = _mm512_maskz_loadu_ps(l0, xt), x1 = _mm512_maskz_loadu_ps(l1, xt + 16);
+      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_mask_xor_ps(x0, k0 & l0, x0, sign));
+      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_mask_xor_ps(x1, k1 & l1, x1, sign));
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m512 s = acc[t][0];
+    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[t][a]);
+    out[t] = hsum16(s) * magnitude;
+  }
+}
+
+}  // namespace
+
+LORI_AVX512 void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int64_t ldx,
+                                       const uint32_t* signs, float magnitude, float* out) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) sign_dot_group<4>(x + t * ldx, n, ldx, signs, magnitude, out + t);
+  for (; t < T; ++t) sign_dot_group<1>(x + t * ldx, n, ldx, signs, magnitude, out + t);
+}
+
+namespace {
+
+// a[0..15] -> one vector whose lane r is the sum of a[r]'s 16 lanes: a shuffle-add tree
+// (3 ops per row) instead of 16 separate horizontal sums.
+LORI_AVX512 inline __m512 reduce16(const __m512* a) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(t[i], t[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int i = 0; i < 2; ++i) {
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // The tree leaves row r's sum in lane idx[r].
+  const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(idx, z);
+}
+
+// Each 16 mask bits expand 16 packed values into a dense vector (vexpandps reads exactly
+// popcount values: no read past the chunk), times h's matching 16 entries; 16 rows at a time
+// reduce through reduce16.
+template <typename scalar_t, int NT>
+LORI_AVX512 int64_t expand_nt(const BView& b, int64_t rank, int64_t nnz, const float* h,
+                              int64_t ldh, float scale, scalar_t* y, int64_t c0, int64_t c1,
+                              const int64_t* tok, bool accumulate) {
+  const uint32_t last_valid = last_word_valid_bits(static_cast<int>(rank));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int32_t starts[kRowChunk + 1];
+  __m512 racc[NT][16];
+  alignas(64) float sums[16];
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t row0 = c * kRowChunk, row1 = std::min(b.out, row0 + kRowChunk);
+    const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
+    if (o0 < 0 || o1 < o0 || o1 > nnz) return c;
+    int64_t count = 0;  // validate the chunk (and find row starts) before reading values
+    uint32_t stray = 0;
+    for (int64_t r = row0; r < row1; ++r) {
+      starts[r - row0] = static_cast<int32_t>(count);
+      const uint32_t* w = b.mask + r * b.words;
+      for (int64_t q = 0; q < b.words; ++q) count += __builtin_popcount(w[q]);
+      stray |= w[b.words - 1] & ~last_valid;
+    }
+    if (stray != 0 || count != o1 - o0) return c;
+    const float* vc = b.values + o0;
+    for (int64_t i0 = row0; i0 < row1; i0 += 16) {
+      const int no = static_cast<int>(std::min<int64_t>(16, row1 - i0));
+      for (int i = 0; i < 16; ++i) {
+        __m512 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+        if (i < no) {
+          const int64_t r = i0 + i;
+          const uint32_t* w = b.mask + r * b.words;
+          const float* v = vc + starts[r - row0];
+          for (int64_t q = 0; q < b.words; ++q) {
+            const __mmask16 k0 = static_cast<__mmask16>(w[q]);
+            const __mmask16 k1 = static_cast<__mmask16>(w[q] >> 16);
+            const __m512 d0 = _mm512_maskz_expandloadu_ps(k0, v);
+            const __m512 d1 = _mm512_maskz_expandloadu_ps(k1, v + __builtin_popcount(k0));
+            v += __builtin_popcount(w[q]);
+            for (int t = 0; t < NT; ++t) {
+              acc[t] = _mm512_fmadd_ps(d0, _mm512_loadu_ps(h + t * ldh + 32 * q), acc[t]);
+              acc[t] = _mm512_fmadd_ps(d1, _mm512_loadu_ps(h + t * ldh + 32 * q + 16), acc[t]);
+            }
+          }
+        }
+        for (int t = 0; t < NT; ++t) racc[t][i] = acc[t];
+      }
+      for (int t = 0; t < NT; ++t) {
+        _mm512_store_ps(sums, _mm512_mul_ps(reduce16(racc[t]), vscale));
+        const int64_t tt = tok ? tok[t] : t;
+        scalar_t* dst = y + tt * b.out + i0;
+        for (int half = 0; half < 2; ++half) {
+          const int n8 = std::min(8, no - 8 * half);
+          if (n8 <= 0) break;
+          __m256 v8 = _mm256_load_ps(sums + 8 * half);
+          scalar_t* d = dst + 8 * half;
+          if (accumulate) v8 = _mm256_add_ps(v8, n8 == 8 ? load8(d) : load_partial(d, n8));
+          if (n8 == 8) {
+            store8(d, v8);
+          } else {
+            store_partial(d, v8, n8);
+          }
+        }
+      }
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,
+                              const float* h, int64_t ldh, float scale, scalar_t* y, int64_t c0,
+                              int64_t c1, const int64_t* tok, bool accumulate) {
+  switch (T) {
+    case 1: return expand_nt<scalar_t, 1>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate);
+    case 2: return expand_nt<scalar_t, 2>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate);
+    case 3: return expand_nt<scalar_t, 3>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate);
+    default: return expand_nt<scalar_t, 4>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate);
+  }
+}
+
+template int64_t apply_b_expand_avx512<float>(int64_t, const BView&, int64_t, int64_t,
+                                              const float*, int64_t, float, float*, int64_t,
+                                              int64_t, const int64_t*, bool);
+template int64_t apply_b_expand_avx512<c10::BFloat16>(int64_t, const BView&, int64_t, int64_t,
+                                                      const float*, int64_t, float,
+                                                      c10::BFloat16*, int64_t, int64_t,
+                                                      const int64_t*, bool);
+template int64_t apply_b_expand_avx512<c10::Half>(int64_t, const BView&, int64_t, int64_t,
+                                                  const float*, int64_t, float, c10::Half*,
+                                                  int64_t, int64_t, const int64_t*, bool);
+
+}  // namespace lori::cpu
+

@@ -1,0 +1,35 @@
+// AVX-512 variants of the decode-critical CPU kernels, chosen at runtime when the CPU has
+// AVX-512 F/DQ/BW/VL (AVX2 stays the baseline). They compute the same results as the AVX2
+// kernels: A bit-identical, the rest within the tolerance rule.
+#pragma once
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../checks.h"
+#include "delta_common.h"
+
+namespace lori::cpu {
+
+// Instruction set the CPU kernels use: 2 = AVX-512, 1 = AVX2, 0 = generic. The default is the
+// best the CPU has; lori::_set_cpu_isa lowers it (tests run every path on one machine).
+int cpu_isa();
+bool use_avx512();
+std::string set_cpu_isa(c10::string_view isa);  // "auto" | "avx512" | "avx2" | "generic"
+
+// Philox words for pairs p in [0, n): row r0 + p / nb, block b0 + p % nb; words[4p + w].
+void tile_words_avx512(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb, int64_t n,
+                       uint32_t* words);
+
+// out[t] = magnitude * sum_j (+-x[t, j]) with the signs of A's row (bit j set -> negative).
+void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int64_t ldx,
+                           const uint32_t* signs, float magnitude, float* out);
+
+// Decode B stage (T <= 4): same contract as apply_b_expand_avx2 (b_stage.h).
+template <typename scalar_t>
+int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,
+                              const float* h, int64_t ldh, float scale, scalar_t* y, int64_t c0,
+                              int64_t c1, const int64_t* tok, bool accumulate);
+
+}  // namespace lori::cpu
