@@ -47,6 +47,12 @@ at::Tensor sparse_delta_autograd(const at::Tensor& x, const at::Tensor& mask,
                                  const at::Tensor& values, const at::Tensor& offsets,
                                  int64_t rank, int64_t seed, c10::string_view distribution,
                                  double scale) {
+  // Inference (no input needs a gradient): skip building an autograd node; a decode step is
+  // tens of microseconds, and Function::apply's bookkeeping is a few of them.
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return sparse_delta_op().call(x, mask, values, offsets, rank, seed, distribution, scale);
+  }
   return SparseDelta::apply(x, mask, values, offsets, rank, seed, distribution, scale);
 }
 

@@ -53,14 +53,17 @@ at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const a
     scalar_t* yp = y.data_ptr<scalar_t>();
     std::atomic<int64_t> bad{-1};
     // Decode: h as (T, words * 32) rows for the column-vectorized expand path.
-    at::Tensor hrow;
-    if (T <= kExpandMaxTokens) hrow = at::constant_pad_nd(hT.narrow(1, 0, T).t(), {0, s.words * 32 - rank}).contiguous();
+    const int64_t ld = s.words * 32;
+    alignas(64) float hrow[kExpandMaxTokens * kMaxRank] = {};  // (T, words * 32), zero past rank
+    if (T <= kExpandMaxTokens) {
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t k = 0; k < rank; ++k) hrow[t * ld + k] = h[k * Tp + t];
+      }
+    }
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       int64_t c = -1;
       if (T <= kExpandMaxTokens) {
-        const float* hr = hrow.data_ptr<float>();
-        const int64_t ld = s.words * 32;
-        c = apply_b_expand_any<scalar_t>(T, b, rank, nnz, hr, ld, sc, yp, c0, c1);
+        c = apply_b_expand_any<scalar_t>(T, b, rank, nnz, hrow, ld, sc, yp, c0, c1);
       } else {
         c = apply_b_avx2<scalar_t>(b, rank, nnz, h, T, Tp, sc, yp, c0, c1);
       }
