@@ -101,9 +101,18 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
             blk[i] = i < no ? _mm256_loadu_ps(yT + (i0 + i) * kYGroup + tb) : _mm256_setzero_ps();
           }
           transpose8x8(blk);
-          for (int l = 0; l < nt; ++l) {
-            const int64_t t = tok ? tok[tg + tb + l] : tg + tb + l;
-            store_out(y + t * b.out + row0 + i0, _mm256_mul_ps(blk[l], vscale), no, accumulate);
+          if (nt == 8) {
+            // Constant trip count: blk stays in registers (a runtime bound spills it).
+#pragma GCC unroll 8
+            for (int l = 0; l < 8; ++l) {
+              const int64_t t = tok ? tok[tg + tb + l] : tg + tb + l;
+              store_out(y + t * b.out + row0 + i0, _mm256_mul_ps(blk[l], vscale), no, accumulate);
+            }
+          } else {
+            for (int l = 0; l < nt; ++l) {
+              const int64_t t = tok ? tok[tg + tb + l] : tg + tb + l;
+              store_out(y + t * b.out + row0 + i0, _mm256_mul_ps(blk[l], vscale), no, accumulate);
+            }
           }
         }
       }
