@@ -36,8 +36,8 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def compare(fns: dict[str, Callable[[], object]], min_time: float = 0.6, min_reps: int = 7,
-            max_reps: int = 200, warmup: int = 2) -> dict[str, dict]:
+def compare(fns: dict[str, Callable[[], object]], min_time: float = 1.5, min_reps: int = 15,
+            max_reps: int = 400, warmup: int = 3) -> dict[str, dict]:
     """Time several callables in interleaved rounds (so drift hits all alike).
 
     Returns {name: {median_us, p20_us, p80_us, reps}}."""

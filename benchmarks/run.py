@@ -77,7 +77,9 @@ def report(data) -> str:
     m = data["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
              f"git {m['git']}, {m['date']}. Medians of interleaved runs; ratio = ours / dense LoRA "
-             "(two F.linear calls, same dtype) measured in the same run.", "",
+             "(two F.linear calls, same dtype) measured in the same run. glibc's mmap threshold "
+             "is pinned (`GLIBC_TUNABLES`, see benchmarks/run.py) so large outputs come from "
+             "reused heap memory for every provider.", "",
              "| pass | dtype | T | in x out | dense LoRA (us) | LoRI rademacher (us) | ratio | LoRI uniform (us) | ratio |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for (bench, dt, T, inp, out), r in ratios(data["rows"]).items():
@@ -121,7 +123,16 @@ def write(data):
     return md
 
 
+# glibc serves multi-MB allocations (every output here) with fresh mmaps unless its threshold
+# has adapted, so runs flip between a page-faulting mode and a reusing one (2.5x apart on the
+# dense baseline at T=256). Pinning the thresholds makes every provider reuse heap memory.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
+
+
 def main(argv=None):
+    if "GLIBC_TUNABLES" not in os.environ:
+        os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run", *(argv or sys.argv[1:])])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="skip T=2048 (a smoke run)")
     args = ap.parse_args(argv)
