@@ -54,38 +54,55 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
                                int64_t T, int64_t Tp, float scale, scalar_t* y, int64_t c0,
                                int64_t c1, const int64_t* tok = nullptr,
                                bool accumulate = false) {
-  const size_t cap = static_cast<size_t>(kRowChunk * b.words * 32 + 8);
-  thread_local std::vector<int32_t> ks, rows;
-  if (ks.size() < cap) {
-    ks.resize(cap);
-    rows.resize(cap);
+  // Walk every chunk's mask once (validating it), keeping its entry columns; then go token
+  // group by token group, so a group's slice of hT stays in L1 and its rows of y are written
+  // together.
+  const int64_t cap = kRowChunk * b.words * 32 + 8;
+  thread_local std::vector<int32_t> ks, rows, starts;
+  const int64_t nch = c1 - c0;
+  if (nch <= 0) return -1;
+  const int64_t e_base = b.offsets[c0];
+  for (int64_t c = c0; c < c1; ++c) {  // offsets are checked per chunk before use below
+    if (b.offsets[c] < 0 || b.offsets[c + 1] < b.offsets[c] || b.offsets[c + 1] > nnz) return c;
   }
-  alignas(32) float yT[kRowChunk * kYGroup];
-  int32_t starts[kRowChunk + 1];
-  const __m256 vscale = _mm256_set1_ps(scale);
+  const int64_t total = b.offsets[c1] - e_base;
+  if (static_cast<int64_t>(ks.size()) < total + cap) ks.resize(static_cast<size_t>(total + cap));
+  if (static_cast<int64_t>(rows.size()) < cap) rows.resize(static_cast<size_t>(cap));
+  if (static_cast<int64_t>(starts.size()) < nch * (kRowChunk + 1)) {
+    starts.resize(static_cast<size_t>(nch * (kRowChunk + 1)));
+  }
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t n = extract_chunk(b, c, rank, nnz, ks.data(), rows.data());
+    int32_t* kc = ks.data() + (b.offsets[c] - e_base);
+    const int64_t n = extract_chunk(b, c, rank, nnz, kc, rows.data());
     if (n < 0) return c;
     const int64_t row0 = c * kRowChunk, nrows = std::min(b.out, row0 + kRowChunk) - row0;
-    for (int64_t i = 0, p = 0; i <= nrows; ++i) {  // row starts in the entry list
-      starts[i] = static_cast<int32_t>(p);
+    int32_t* st = starts.data() + (c - c0) * (kRowChunk + 1);
+    for (int64_t i = 0, p = 0; i <= nrows; ++i) {  // row starts within the chunk's entries
+      st[i] = static_cast<int32_t>(p);
       if (i < nrows) {
         for (int64_t q = 0; q < b.words; ++q) p += __builtin_popcount(b.mask[(row0 + i) * b.words + q]);
       }
     }
-    const float* v = b.values + b.offsets[c];
-    for (int64_t tg = 0; tg < Tp; tg += kYGroup) {
-      const int64_t ng = std::min(kYGroup, Tp - tg);  // multiple of 8
+  }
+  alignas(32) float yT[kRowChunk * kYGroup];
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t tg = 0; tg < Tp; tg += kYGroup) {
+    const int64_t ng = std::min(kYGroup, Tp - tg);  // multiple of 8
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t row0 = c * kRowChunk, nrows = std::min(b.out, row0 + kRowChunk) - row0;
+      const int32_t* st = starts.data() + (c - c0) * (kRowChunk + 1);
+      const int32_t* kc = ks.data() + (b.offsets[c] - e_base);
+      const float* v = b.values + b.offsets[c];
       for (int64_t i = 0; i < nrows; ++i) {
         float* dst = yT + i * kYGroup;
         if (ng == kYGroup) {
-          row_accumulate<8>(v, ks.data(), starts[i], starts[i + 1], hT, Tp, tg, dst);
+          row_accumulate<8>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst);
         } else {
           for (int64_t t = 0; t < ng; t += 8) {
             __m256 acc = _mm256_setzero_ps();
-            for (int64_t e = starts[i]; e < starts[i + 1]; ++e) {
+            for (int64_t e = st[i]; e < st[i + 1]; ++e) {
               acc = _mm256_fmadd_ps(_mm256_set1_ps(v[e]),
-                                    _mm256_loadu_ps(hT + static_cast<int64_t>(ks[e]) * Tp + tg + t), acc);
+                                    _mm256_loadu_ps(hT + static_cast<int64_t>(kc[e]) * Tp + tg + t), acc);
             }
             _mm256_storeu_ps(dst + t, acc);
           }
