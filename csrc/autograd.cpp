@@ -13,6 +13,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+std::optional<at::Tensor> saved_h(AutogradContext* ctx) {
+  const at::Tensor h = ctx->saved_data["h"].toTensor();
+  return h.defined() ? std::optional<at::Tensor>(h) : std::nullopt;
+}
+
 class SparseDelta : public torch::autograd::Function<SparseDelta> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mask,
@@ -24,6 +29,15 @@ class SparseDelta : public torch::autograd::Function<SparseDelta> {
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["distribution"] = std::string(distribution);
     ctx->saved_data["scale"] = scale;
+    if (values.requires_grad() && x.is_cpu()) {
+      // grad_values needs h = x @ A^T; the forward has it, so keep it (T x rank: small)
+      // instead of recomputing a GEMM in the backward.
+      auto [y, h] = sparse_delta_fwd_op().call(x, mask, values, offsets, rank, seed,
+                                               distribution, scale);
+      ctx->saved_data["h"] = h;
+      return y;
+    }
+    ctx->saved_data["h"] = at::Tensor();
     return sparse_delta_op().call(x, mask, values, offsets, rank, seed, distribution, scale);
   }
 
@@ -36,7 +50,7 @@ class SparseDelta : public torch::autograd::Function<SparseDelta> {
           grad_outputs[0].contiguous(), saved[0], saved[1], saved[2], saved[3],
           ctx->saved_data["rank"].toInt(), ctx->saved_data["seed"].toInt(),
           ctx->saved_data["distribution"].toStringRef(), ctx->saved_data["scale"].toDouble(),
-          need_x, need_values);
+          need_x, need_values, saved_h(ctx));
     }
     return {need_x ? gx : at::Tensor(), at::Tensor(), need_values ? gv : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -60,11 +60,17 @@ TORCH_LIBRARY(lori, m) {
   m.def(
       "sparse_delta(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, int seed, "
       "str distribution, float scale) -> Tensor");
-  // (grad_x, grad_values); each is an empty tensor when its need_* flag is false.
+  // sparse_delta that also returns h = x @ A^T (T, rank) in fp32 (float64 for float64 x), for
+  // the backward to reuse (an empty h means the backend did not keep it).
+  m.def(
+      "sparse_delta_fwd(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, int seed, "
+      "str distribution, float scale) -> (Tensor, Tensor)");
+  // (grad_x, grad_values); each is an empty tensor when its need_* flag is false. h, when
+  // given and non-empty, is sparse_delta_fwd's h (skips recomputing x @ A^T).
   m.def(
       "sparse_delta_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor values, "
       "Tensor offsets, int rank, int seed, str distribution, float scale, bool need_x, "
-      "bool need_values) -> (Tensor, Tensor)");
+      "bool need_values, Tensor? h=None) -> (Tensor, Tensor)");
   // weight += scale * B @ A, in place, A generated per column tile (LoRI merge; unmerge
   // passes -scale). weight is (out_features, in_features).
   m.def(

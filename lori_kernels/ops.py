@@ -44,9 +44,18 @@ def _sparse_delta_fake(x, mask, values, offsets, rank, seed, distribution, scale
     return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
 
+@torch.library.register_fake("lori::sparse_delta_fwd")
+def _sparse_delta_fwd_fake(x, mask, values, offsets, rank, seed, distribution, scale):
+    _check_delta_fake(x, mask, values, offsets, rank)
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    hdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((*x.shape[:-1], mask.shape[0])),
+            x.new_empty((tokens, rank), dtype=hdtype))
+
+
 @torch.library.register_fake("lori::sparse_delta_backward")
 def _sparse_delta_backward_fake(grad_y, x, mask, values, offsets, rank, seed, distribution,
-                                scale, need_x, need_values):
+                                scale, need_x, need_values, h=None):
     _check_delta_fake(x, mask, values, offsets, rank)
     torch._check(grad_y.shape == (*x.shape[:-1], mask.shape[0]),
                  lambda: "sparse_delta_backward: grad_y shape mismatch")

@@ -352,3 +352,30 @@ def test_backend_selection(monkeypatch):
     torch.testing.assert_close(y_t, L.sparse_delta(x, b, seed=1), rtol=1e-5, atol=1e-5)
     assert torch.equal(a_t, L.random_a(3, 8, 70))
     assert torch.equal(L.random_a(3, 8, 70, backend="triton"), a_t)
+
+
+# ---- the saved-h forward ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("T", [0, 3, 40])
+def test_sparse_delta_fwd_returns_h_and_backward_reuses_it(dtype, T):
+    g = _gen(T + 7)
+    b = random_packed(70, 33, generator=g, dtype=dtype)
+    x = torch.randn(T, 45, generator=g).to(dtype)
+    args = (x, b.mask, b.values, b.offsets, b.rank, 7, "uniform", 1.5)
+    y, h = torch.ops.lori.sparse_delta_fwd(*args)
+    assert torch.equal(y, torch.ops.lori.sparse_delta(*args))
+    hdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert h.shape == (T, 33) and h.dtype == hdt
+    href = x.double() @ reference.random_a(7, 33, 45, "uniform").double().T
+    torch.testing.assert_close(h.double(), href, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(T, 70, generator=g).to(dtype)
+    with_h = torch.ops.lori.sparse_delta_backward(gy, *args, True, True, h)
+    without = torch.ops.lori.sparse_delta_backward(gy, *args, True, True)
+    torch.testing.assert_close(with_h[0], without[0])
+    torch.testing.assert_close(with_h[1], without[1], rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.lori.sparse_delta_fwd.default, args)
+    torch.library.opcheck(torch.ops.lori.sparse_delta_backward.default, (gy, *args, True, True, h))
+    if T:
+        with pytest.raises(ValueError, match="h must be"):
+            torch.ops.lori.sparse_delta_backward(gy, *args, True, True, h[:, :5].contiguous())

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
           values.narrow(0, seg.value_start, seg.nnz), offsets[a], rank,
           static_cast<int64_t>(static_cast<uint64_t>(seg.gen.k0) |
                                (static_cast<uint64_t>(seg.gen.k1) << 32)),
-          distribution_name(seg.gen.dist), seg.scale, need_x, need_values);
+          distribution_name(seg.gen.dist), seg.scale, need_x, need_values, std::nullopt);
     } catch (const c10::ValueError& e) {  // name the adapter
       TORCH_CHECK_VALUE(false, adapter_op(op, a), ": ", e.what_without_backtrace());
     }

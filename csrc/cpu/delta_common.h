@@ -104,10 +104,13 @@ void for_a_tiles(const DeltaShape& s, at::ScalarType dtype, F&& f) {
 // float64 inputs (gradcheck) and CPUs without AVX2 take the generic path: the same tiling
 // of A, with ATen GEMMs and a dense (out x rank) B, computing in float64 for float64 inputs.
 bool use_generic_path(const at::Tensor& x);
+// h_out (optional): receives h = x @ A^T, (T, rank) in the accumulation dtype.
 at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
-                                const at::Tensor& values, const DeltaShape& s, double scale);
+                                const at::Tensor& values, const DeltaShape& s, double scale,
+                                at::Tensor* h_out = nullptr);
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
     const at::Tensor& gy2, const at::Tensor& x2, const at::Tensor& mask, const at::Tensor& values,
-    const DeltaShape& s, double scale, bool need_x, bool need_values);
+    const DeltaShape& s, double scale, bool need_x, bool need_values,
+    const at::Tensor& h_saved = at::Tensor());
 
 }  // namespace lori::cpu

@@ -33,15 +33,18 @@ at::Tensor h_generic(const at::Tensor& xa, const DeltaShape& s) {
 }  // namespace
 
 at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
-                                const at::Tensor& values, const DeltaShape& s, double scale) {
+                                const at::Tensor& values, const DeltaShape& s, double scale,
+                                at::Tensor* h_out) {
   const auto acc = acc_type(x2);
   const at::Tensor h = h_generic(x2.to(acc), s);
+  if (h_out) *h_out = h;
   return at::mm(h, dense_b(mask, values, s.rank, acc).t()).mul_(scale).to(x2.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
     const at::Tensor& gy2, const at::Tensor& x2, const at::Tensor& mask, const at::Tensor& values,
-    const DeltaShape& s, double scale, bool need_x, bool need_values) {
+    const DeltaShape& s, double scale, bool need_x, bool need_values,
+    const at::Tensor& h_saved) {
   const auto acc = acc_type(x2);
   const at::Tensor gy = gy2.to(acc), b = dense_b(mask, values, s.rank, acc);
   at::Tensor gx, gv;
@@ -53,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
     });
   }
   if (need_values) {
-    const at::Tensor gb = at::mm(gy.t(), h_generic(x2.to(acc), s)).mul_(scale);  // (out, rank)
+    const at::Tensor h = h_saved.defined() ? h_saved.to(acc) : h_generic(x2.to(acc), s);
+    const at::Tensor gb = at::mm(gy.t(), h).mul_(scale);  // (out, rank)
     const at::Tensor on_mask = dense_b(mask, at::ones_like(values, at::kDouble), s.rank,
                                        at::kDouble).to(at::kBool);
     gv = gb.masked_select(on_mask).to(values.scalar_type());

@@ -170,7 +170,8 @@ void grad_x_from_gh(const at::Tensor& ghT, const DeltaShape& s, int64_t T, const
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
-    c10::string_view distribution, double scale, bool need_x, bool need_values) {
+    c10::string_view distribution, double scale, bool need_x, bool need_values,
+    const std::optional<at::Tensor>& h_in) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
@@ -185,17 +186,34 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     gv.zero_();
     return {gx, gv};
   }
+  // A saved h (from sparse_delta_fwd) spares recomputing x @ A^T.
+  at::Tensor h_saved;
+  if (h_in.has_value() && h_in->defined() && h_in->numel() > 0) {
+    h_saved = *h_in;
+    const auto hdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_VALUE(h_saved.dim() == 2 && h_saved.size(0) == T && h_saved.size(1) == rank &&
+                          h_saved.scalar_type() == hdt && h_saved.device() == x.device(),
+                      op, ": h must be (", T, ", ", rank, ") ", hdt, " on x's device, got ",
+                      h_saved.sizes(), " ", h_saved.scalar_type());
+  }
   const at::Tensor x2 = x.reshape({T, s.in_features});
   const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
   if (use_generic_path(x)) {
     check_bitmask_cpu(op, mask, offsets, rank, values.numel());
     auto [gx2, gv2] =
-        sparse_delta_backward_generic(gy2, x2, mask, values, s, scale, need_x, need_values);
+        sparse_delta_backward_generic(gy2, x2, mask, values, s, scale, need_x, need_values,
+                                      h_saved);
     if (need_x) gx.view({T, s.in_features}).copy_(gx2);
     if (need_values) gv.copy_(gv2);
     return {gx, gv};
   }
-  const at::Tensor hT = need_values ? compute_hT(x2, s) : at::Tensor();
+  at::Tensor hT;
+  if (need_values && h_saved.defined()) {
+    hT = at::zeros({rank, Tp}, x.options().dtype(at::kFloat));
+    hT.narrow(1, 0, T).copy_(h_saved.t());
+  } else if (need_values) {
+    hT = compute_hT(x2, s);
+  }
   const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
   const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
                 off.data_ptr<int32_t>(), s.out_features, s.words};

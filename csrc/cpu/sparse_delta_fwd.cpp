@@ -20,20 +20,28 @@
 namespace lori::cpu {
 namespace {
 
-at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-                            const at::Tensor& offsets, int64_t rank, int64_t seed,
-                            c10::string_view distribution, double scale) {
+// y, and h = x @ A^T as (T, rank) when keep_h (else an undefined tensor).
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& mask,
+                                                const at::Tensor& values, const at::Tensor& offsets,
+                                                int64_t rank, int64_t seed,
+                                                c10::string_view distribution, double scale,
+                                                bool keep_h) {
   const DeltaShape s = check_sparse_delta_args("sparse_delta", x, mask, values, offsets, rank,
                                                seed, distribution);
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out_features;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens, Tp = round_up8(T);
-  if (T == 0 || s.out_features == 0) return y;
+  const auto hdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (T == 0 || s.out_features == 0) {
+    return {y, keep_h ? at::zeros({T, rank}, x.options().dtype(hdtype)) : at::Tensor()};
+  }
   const at::Tensor x2 = x.reshape({T, s.in_features});
   if (use_generic_path(x)) {
     check_bitmask_cpu("sparse_delta", mask, offsets, rank, values.numel());
-    return sparse_delta_generic(x2, mask, values, s, scale).view(out_shape);
+    at::Tensor h;
+    at::Tensor y2 = sparse_delta_generic(x2, mask, values, s, scale, keep_h ? &h : nullptr);
+    return {y2.view(out_shape), h};
   }
   const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
   // O(1) ends of offsets here; each chunk is checked against the mask inside the kernel
@@ -73,10 +81,27 @@ at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const a
     TORCH_CHECK_VALUE(bad.load() < 0, "sparse_delta: mask and offsets disagree in chunk ",
                       bad.load());
   });
-  return y;
+  return {y, keep_h ? hT.narrow(1, 0, T).t().contiguous() : at::Tensor()};
+}
+
+at::Tensor sparse_delta_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                            const at::Tensor& offsets, int64_t rank, int64_t seed,
+                            c10::string_view distribution, double scale) {
+  return std::get<0>(forward_impl(x, mask, values, offsets, rank, seed, distribution, scale,
+                                  false));
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_delta_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+    const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
+    double scale) {
+  return forward_impl(x, mask, values, offsets, rank, seed, distribution, scale, true);
 }
 
 }  // namespace
 }  // namespace lori::cpu
 
-TORCH_LIBRARY_IMPL(lori, CPU, m) { m.impl("sparse_delta", &lori::cpu::sparse_delta_cpu); }
+TORCH_LIBRARY_IMPL(lori, CPU, m) {
+  m.impl("sparse_delta", &lori::cpu::sparse_delta_cpu);
+  m.impl("sparse_delta_fwd", &lori::cpu::sparse_delta_fwd_cpu);
+}

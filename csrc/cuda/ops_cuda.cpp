@@ -176,10 +176,13 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
   return y;
 }
 
+// h (a saved x @ A^T) is accepted for the schema and not used: the CUDA backward recomputes
+// it inside its fused kernels, and the CUDA forward does not keep it.
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
-    c10::string_view distribution, double scale, bool need_x, bool need_values) {
+    c10::string_view distribution, double scale, bool need_x, bool need_values,
+    const std::optional<at::Tensor>& /*h*/) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
