@@ -248,7 +248,12 @@ at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
   }
 
   // Stage 2: B per (segment, group of chunks).
-  const int64_t group = 4, per_seg = (s.chunks + group - 1) / group, hw = s.words * 32;
+  // Work items of `group` chunks: small enough to balance many segments across threads, as
+  // large as an even split when there are few (a long segment then walks its chunks the way
+  // sparse_delta does).
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t group = std::max<int64_t>(4, (nseg * s.chunks) / std::max<int64_t>(1, nthreads) / nseg);
+  const int64_t per_seg = (s.chunks + group - 1) / group, hw = s.words * 32;
   std::atomic<int64_t> bad{-1};
   dispatch_io_type(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
