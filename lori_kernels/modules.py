@@ -174,7 +174,28 @@ class LoRIAdapter(nn.Module):
 
 # ---- the layer ---------------------------------------------------------------------------------
 
-class LoRILinear(nn.Module):
+class _LinearAttrs:
+    """nn.Linear look-alike attributes of a wrapped `self.base` (HF code reads .weight.dtype,
+    .in_features, ...)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class LoRILinear(_LinearAttrs, nn.Module):
     """nn.Linear (frozen, as `base`) plus LoRI adapters: y = base(x) + sum of active deltas.
 
     `LoRILinear.from_linear(linear, rank=, alpha=, seed=, distribution=)` wraps an existing
@@ -192,22 +213,6 @@ class LoRILinear(nn.Module):
         self.terms: tuple[Term, ...] = ()
         self.merged_terms: tuple[Term, ...] = ()
 
-    # nn.Linear look-alike attributes (HF code reads .weight.dtype, .in_features, ...)
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def merged(self) -> bool:
@@ -313,7 +318,7 @@ class LoRILinear(nn.Module):
 
 # ---- a pool of adapters, chosen per token (issue 4) ---------------------------------------------
 
-class LoRIPoolLinear(nn.Module):
+class LoRIPoolLinear(_LinearAttrs, nn.Module):
     """nn.Linear (frozen, as `base`) serving an AdapterPool: each token gets its own adapter.
 
         layer = LoRIPoolLinear(linear, pool)
@@ -341,21 +346,6 @@ class LoRIPoolLinear(nn.Module):
         self.pool = pool
         self.adapter_ids: torch.Tensor | None = None
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def set_adapter_ids(self, ids) -> None:
         """Adapter per token (or per sequence) for the next forward calls (see the class doc)."""

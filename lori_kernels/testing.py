@@ -44,3 +44,26 @@ def dense_lora_baseline(x: torch.Tensor, b: PackedB, seed: int, distribution: st
     """Plain torch in x's dtype, A and B dense: the error yardstick of the tolerance rule."""
     a = reference.random_a(seed, b.rank, x.shape[-1], distribution, dtype=x.dtype)
     return reference.dense_lora(x, a, b.to_dense().to(x.dtype), scale)
+
+
+def bad_delta_arguments(device="cpu"):
+    """(mutate, exception, message) cases for sparse_delta-like ops whose arguments are
+    [x, mask, values, offsets, rank, seed, distribution, scale]: every backend must raise the
+    same clear error naming the argument."""
+    return [
+        (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "x must be float"),
+        (lambda a: a.__setitem__(0, a[0].double()), TypeError, "values dtype"),
+        (lambda a: a.__setitem__(1, a[1].to(torch.int64)), TypeError, "mask must be int32"),
+        (lambda a: a.__setitem__(1, a[1][:, :0]), ValueError, "mask must have shape"),
+        (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "values has"),
+        (lambda a: a.__setitem__(2, a[2].reshape(1, -1)), ValueError, "values must be 1-D"),
+        (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, "offsets must have shape"),
+        (lambda a: a.__setitem__(3, a[3].to(torch.int64)), TypeError, "offsets must be int32"),
+        (lambda a: a.__setitem__(4, 300), ValueError, "rank must be in"),
+        (lambda a: a.__setitem__(4, 0), ValueError, "rank must be in"),
+        (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
+        (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
+        (lambda a: a.__setitem__(0, torch.randn(3, 0, device=device)), ValueError, "in_features"),
+        (lambda a: a.__setitem__(0, torch.tensor(1.0, device=device)), ValueError,
+         "at least 1 dimension"),
+    ]

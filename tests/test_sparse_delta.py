@@ -4,7 +4,8 @@ import torch
 
 import lori_kernels as L
 from lori_kernels import reference, spec
-from lori_kernels.testing import assert_within_rule, dense_lora_baseline, random_packed
+from lori_kernels.testing import (
+    assert_within_rule, bad_delta_arguments, dense_lora_baseline, random_packed)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["rademacher", "uniform"]
@@ -266,22 +267,7 @@ def _call(args):
     return torch.ops.lori.sparse_delta(*args)
 
 
-@pytest.mark.parametrize("mutate,exc,msg", [
-    (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "x must be float"),
-    (lambda a: a.__setitem__(0, a[0].double()), TypeError, "values dtype"),
-    (lambda a: a.__setitem__(1, a[1].to(torch.int64)), TypeError, "mask must be int32"),
-    (lambda a: a.__setitem__(1, a[1][:, :0]), ValueError, "mask must have shape"),
-    (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "values has"),
-    (lambda a: a.__setitem__(2, a[2].reshape(1, -1)), ValueError, "values must be 1-D"),
-    (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, "offsets must have shape"),
-    (lambda a: a.__setitem__(3, a[3].to(torch.int64)), TypeError, "offsets must be int32"),
-    (lambda a: a.__setitem__(4, 300), ValueError, "rank must be in"),
-    (lambda a: a.__setitem__(4, 0), ValueError, "rank must be in"),
-    (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
-    (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
-    (lambda a: a.__setitem__(0, torch.randn(3, 0)), ValueError, "in_features"),
-    (lambda a: a.__setitem__(0, torch.tensor(1.0)), ValueError, "at least 1 dimension"),
-])
+@pytest.mark.parametrize("mutate,exc,msg", bad_delta_arguments())
 def test_bad_arguments_raise_clear_errors(mutate, exc, msg):
     a = _args()
     mutate(a)

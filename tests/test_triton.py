@@ -20,7 +20,7 @@ import lori_kernels as L  # noqa: E402
 import lori_kernels.triton as LT  # noqa: E402
 from lori_kernels import reference, spec  # noqa: E402
 from lori_kernels.testing import (  # noqa: E402
-    assert_within_rule, dense_lora_baseline, random_packed)
+    assert_within_rule, bad_delta_arguments, dense_lora_baseline, random_packed)
 
 if LT.import_error is not None and not isinstance(LT.import_error, ImportError):
     raise LT.import_error  # a bug in the backend, not a missing dependency
@@ -360,23 +360,7 @@ def _args(T=3, inp=40, out=20, rank=8, dtype=torch.float32):
             rank, 1, "rademacher", 1.0]
 
 
-@pytest.mark.parametrize("mutate,exc,msg", [
-    (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "x must be float"),
-    (lambda a: a.__setitem__(0, a[0].double()), TypeError, "values dtype"),
-    (lambda a: a.__setitem__(1, a[1].to(torch.int64)), TypeError, "mask must be int32"),
-    (lambda a: a.__setitem__(1, a[1][:, :0]), ValueError, "mask must have shape"),
-    (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "values has"),
-    (lambda a: a.__setitem__(2, a[2].reshape(1, -1)), ValueError, "values must be 1-D"),
-    (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, "offsets must have shape"),
-    (lambda a: a.__setitem__(3, a[3].to(torch.int64)), TypeError, "offsets must be int32"),
-    (lambda a: a.__setitem__(4, 300), ValueError, "rank must be in"),
-    (lambda a: a.__setitem__(4, 0), ValueError, "rank must be in"),
-    (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
-    (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
-    (lambda a: a.__setitem__(0, torch.randn(3, 0, device=DEVICE)), ValueError, "in_features"),
-    (lambda a: a.__setitem__(0, torch.tensor(1.0, device=DEVICE)), ValueError,
-     "at least 1 dimension"),
-])
+@pytest.mark.parametrize("mutate,exc,msg", bad_delta_arguments(DEVICE))
 def test_bad_arguments_raise_clear_errors(mutate, exc, msg):
     a = _args()
     mutate(a)
