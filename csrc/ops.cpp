@@ -26,7 +26,9 @@ static at::Tensor random_a(int64_t seed, int64_t rank, int64_t in_features,
                            std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
   TORCH_CHECK_VALUE(rank >= 0, "random_a: rank must be >= 0, got ", rank);
   TORCH_CHECK_VALUE(in_features >= 1, "random_a: in_features must be >= 1, got ", in_features);
-  if (col_end < 0) col_end = in_features;
+  TORCH_CHECK_VALUE(col_end >= -1, "random_a: col_end must be >= 0, or -1 for in_features; got ",
+                    col_end);
+  if (col_end == -1) col_end = in_features;
   TORCH_CHECK_VALUE(0 <= col_start && col_start <= col_end && col_end <= in_features,
                     "random_a: columns [", col_start, ", ", col_end,
                     ") must lie within [0, in_features=", in_features, "]");

@@ -530,3 +530,32 @@ def test_pool_linear_multi_task_training_step():
         assert torch.count_nonzero(pool.values.grad[s:s + n]) > 0
     opt.step()
     assert not torch.equal(pool.values.detach(), v0)
+
+
+def test_value_start_overflow_is_rejected():
+    # value_start + nnz wrapping past int64 must not pass the range check (review finding).
+    from lori_kernels.testing import random_packed
+    b = random_packed(40, 8, generator=torch.Generator().manual_seed(0))
+    nnz = b.nnz
+    args = (torch.randn(2, 16), torch.zeros(2, dtype=torch.int32), b.mask[None], b.values,
+            torch.tensor([2**63 - nnz], dtype=torch.int64), b.offsets[None],
+            torch.tensor([1], dtype=torch.int64), torch.tensor([1.0]),
+            torch.tensor([1], dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="values buffer"):
+        torch.ops.lori.batched_sparse_delta(*args)
+
+
+def test_shared_value_ranges_sum_their_gradients():
+    from lori_kernels.testing import random_packed
+    b = random_packed(40, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([0, 1, 0, 1], dtype=torch.int32)
+    v = b.values.clone().requires_grad_()
+    y = torch.ops.lori.batched_sparse_delta(
+        x, ids, torch.stack([b.mask, b.mask]), v, torch.tensor([0, 0]),
+        torch.stack([b.offsets, b.offsets]), torch.tensor([3, 3]), torch.tensor([1.0, 1.0]),
+        torch.tensor([1, 1], dtype=torch.int32), 8)
+    y.sum().backward()
+    v2 = b.values.clone().requires_grad_()
+    torch.ops.lori.sparse_delta(x, b.mask, v2, b.offsets, 8, 3, "rademacher", 1.0).sum().backward()
+    torch.testing.assert_close(v.grad, v2.grad)

@@ -142,3 +142,11 @@ def test_random_a_opcheck():
     torch.library.opcheck(torch.ops.lori.random_a.default, (3, 5, 300, "rademacher", 0, -1))
     torch.library.opcheck(torch.ops.lori.philox4x32_10.default,
                           (torch.zeros(3, 4, dtype=torch.int32), 5))
+
+
+def test_random_a_fill_rejects_overflowing_columns():
+    out = torch.full((1, 2), 7.0)
+    with pytest.raises(ValueError, match="exceed in_features"):
+        torch.ops.lori._random_a_fill(out, 1, 10, 2**63 - 1, "rademacher")
+    with pytest.raises(ValueError, match="col_end"):
+        torch.ops.lori.random_a(1, 2, 10, "rademacher", 0, -5)

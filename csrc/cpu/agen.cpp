@@ -170,7 +170,7 @@ void random_a_fill_cpu(const at::Tensor& out, int64_t seed, int64_t in_features,
   TORCH_CHECK_VALUE(out.dim() == 2, "_random_a_fill: out must be 2-D (rank, columns)");
   const AGenParams g = make_agen(seed, in_features, distribution);
   const int64_t rank = out.size(0), ncols = out.size(1);
-  TORCH_CHECK_VALUE(col_start >= 0 && col_start + ncols <= in_features,
+  TORCH_CHECK_VALUE(col_start >= 0 && col_start <= in_features - ncols,
                     "_random_a_fill: columns [", col_start, ", ", col_start + ncols,
                     ") exceed in_features=", in_features);
   if (out.numel() == 0) return;

@@ -64,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
         gx2.index_copy_(0, perm.narrow(0, seg.start, seg.len), gxs);
       }
     }
-    if (need_values) gv.narrow(0, seg.value_start, seg.nnz).copy_(gvs);
+    // add_, not copy_: adapters may share a value range (then their gradients sum).
+    if (need_values) gv.narrow(0, seg.value_start, seg.nnz).add_(gvs);
   }
   return {gx, gv};
 }

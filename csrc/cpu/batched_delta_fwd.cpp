@@ -67,8 +67,9 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
     seg.value_start = vsp[a];
     seg.nnz = o[s.chunks];
     TORCH_CHECK_VALUE(o[0] == 0, op, ": offsets[", a, ", 0] must be 0, got ", o[0]);
-    TORCH_CHECK_VALUE(seg.value_start >= 0 && seg.nnz >= 0 &&
-                          seg.value_start + seg.nnz <= num_values,
+    // Written so no sum can overflow: value_start + nnz could wrap past int64.
+    TORCH_CHECK_VALUE(seg.value_start >= 0 && seg.nnz >= 0 && seg.nnz <= num_values &&
+                          seg.value_start <= num_values - seg.nnz,
                       op, ": adapter ", a, "'s values [", seg.value_start, ", ",
                       seg.value_start + seg.nnz, ") do not lie within the values buffer (",
                       num_values, " entries)");

@@ -109,30 +109,6 @@ int64_t extract_chunk(const BView& b, int64_t c, int64_t rank, int64_t nnz, int3
   return extract_chunk_avx2(b, c, rank, nnz, k, row);
 }
 
-int64_t interleave_entries(const int32_t* ks, const int32_t* rows, int64_t n, int64_t nrows,
-                           int32_t* k_out, int32_t* row_out, int32_t* src_out) {
-  int32_t count[kRowChunk] = {0}, start[kRowChunk];
-  for (int64_t e = 0; e < n; ++e) ++count[rows[e]];
-  int32_t most = 0, acc = 0;
-  for (int64_t r = 0; r < nrows; ++r) {
-    start[r] = acc;
-    acc += count[r];
-    most = std::max(most, count[r]);
-  }
-  int64_t p = 0;
-  for (int32_t j = 0; j < most; ++j) {
-    for (int64_t r = 0; r < nrows; ++r) {
-      const bool valid = j < count[r];
-      const int32_t idx = valid ? start[r] + j : 0;
-      k_out[p] = ks[idx];
-      row_out[p] = static_cast<int32_t>(r);
-      src_out[p] = idx;
-      p += valid;
-    }
-  }
-  return p;
-}
-
 at::Tensor values_f32(const at::Tensor& values) {
   return values.scalar_type() == at::kFloat ? values.contiguous()
                                             : values.to(at::kFloat).contiguous();

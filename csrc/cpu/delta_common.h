@@ -46,30 +46,12 @@ struct BView {
   int64_t out, words;
 };
 
-// starts[i] = index in values of row (64 c + i)'s first entry; returns the chunk's row count.
-inline int64_t chunk_rows(const BView& b, int64_t c, int32_t* starts) {
-  const int64_t row0 = c * kRowChunk, row1 = std::min(b.out, row0 + kRowChunk);
-  int64_t p = b.offsets[c];
-  for (int64_t r = row0; r < row1; ++r) {
-    starts[r - row0] = static_cast<int32_t>(p);
-    for (int64_t k = 0; k < b.words; ++k) p += popcount32(b.mask[r * b.words + k]);
-  }
-  return row1 - row0;
-}
-
 // One chunk (<= 64 rows) of B as a flat entry list, extracted without data-dependent
 // branches: entry e (values index offsets[c] + e) sits at row[e] (within the chunk), column
 // k[e]. Buffers need 64 * words * 32 + 8 slots. Returns the entry count, or -1 when the
 // chunk contradicts offsets (or has bits >= rank): then nothing may be read from values.
 int64_t extract_chunk(const BView& b, int64_t c, int64_t rank, int64_t nnz, int32_t* k,
                       int32_t* row);
-
-// Reorders a chunk's row-major entry list so consecutive entries fall in different rows
-// (all rows' first entries, then all second entries, ...): loops that accumulate per row then
-// carry no dependency from one entry to the next. src_out[e] = the entry's index in the
-// row-major list (its values offset from the chunk start). Branch-free; returns n.
-int64_t interleave_entries(const int32_t* ks, const int32_t* rows, int64_t n, int64_t nrows,
-                           int32_t* k_out, int32_t* row_out, int32_t* src_out);
 
 // Calls f(scalar_t{}) for the three I/O dtypes of the fast kernels.
 template <typename F>

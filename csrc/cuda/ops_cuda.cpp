@@ -332,7 +332,7 @@ void random_a_fill_cuda(const at::Tensor& out, int64_t seed, int64_t in_features
   TORCH_CHECK_VALUE(out.dim() == 2, op, ": out must be 2-D (rank, columns)");
   const AGenParams p = make_agen(seed, in_features, distribution);
   const int64_t rank = out.size(0), ncols = out.size(1);
-  TORCH_CHECK_VALUE(col_start >= 0 && col_start + ncols <= in_features, op, ": columns [",
+  TORCH_CHECK_VALUE(col_start >= 0 && col_start <= in_features - ncols, op, ": columns [",
                     col_start, ", ", col_start + ncols, ") exceed in_features=", in_features);
   TORCH_CHECK_VALUE(rank <= UINT32_MAX, op, ": rank too large: ", rank);
   if (out.numel() == 0) return;
