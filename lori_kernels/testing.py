@@ -24,7 +24,8 @@ def random_packed(out_features: int, rank: int, density: float = 0.1, dtype=torc
 def tolerance_bound(ref64: torch.Tensor, baseline: torch.Tensor) -> float:
     """STYLE.md's rule: a kernel may err vs the float64 reference by at most
     2 x (plain torch's error in the same dtype) + 4 eps(dtype) max|ref|."""
-    base_err = (baseline.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    base_err = ((baseline.double().to(ref64.device) - ref64).abs().max().item()
+                if ref64.numel() else 0.0)
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
     return 2.0 * base_err + 4.0 * torch.finfo(baseline.dtype).eps * scale + 1e-30
 
@@ -34,7 +35,7 @@ def assert_within_rule(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.T
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     if out.numel() == 0:
         return
-    err = (out.double() - ref64).abs().max().item()
+    err = (out.double().to(ref64.device) - ref64).abs().max().item()
     bound = tolerance_bound(ref64, baseline)
     assert err <= bound, f"{what}: error {err:.3e} exceeds bound {bound:.3e}"
 
@@ -42,8 +43,29 @@ def assert_within_rule(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.T
 def dense_lora_baseline(x: torch.Tensor, b: PackedB, seed: int, distribution: str,
                         scale: float) -> torch.Tensor:
     """Plain torch in x's dtype, A and B dense: the error yardstick of the tolerance rule."""
-    a = reference.random_a(seed, b.rank, x.shape[-1], distribution, dtype=x.dtype)
-    return reference.dense_lora(x, a, b.to_dense().to(x.dtype), scale)
+    a = reference.random_a(seed, b.rank, x.shape[-1], distribution, dtype=x.dtype).to(x.device)
+    return reference.dense_lora(x, a, b.to_dense().to(device=x.device, dtype=x.dtype), scale)
+
+
+def reference_grads(x, b: PackedB, seed: int, distribution: str, scale: float, gy):
+    """Autograd of the float64 reference w.r.t. x and B's packed values (computed on the CPU)."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    v64 = b.values.detach().double().cpu().requires_grad_()
+    dense = torch.zeros(b.out_features, b.rank, dtype=torch.float64).masked_scatter(
+        b.bool_mask().cpu(), v64)
+    reference.sparse_delta(x64, dense, seed, distribution, scale).backward(gy.detach().double().cpu())
+    return x64.grad, v64.grad
+
+
+def baseline_grads(x, b: PackedB, seed: int, distribution: str, scale: float, gy):
+    """The same gradients from plain torch in x's dtype and device (the tolerance yardstick)."""
+    xd = x.detach().clone().requires_grad_()
+    vd = b.values.detach().clone().requires_grad_()
+    dense = torch.zeros(b.out_features, b.rank, dtype=x.dtype, device=x.device).masked_scatter(
+        b.bool_mask(), vd)
+    a = reference.random_a(seed, b.rank, x.shape[-1], distribution, dtype=x.dtype).to(x.device)
+    reference.dense_lora(xd, a, dense, scale).backward(gy)
+    return xd.grad, vd.grad
 
 
 def bad_delta_arguments(device="cpu"):

@@ -5,7 +5,8 @@ import torch
 import lori_kernels as L
 from lori_kernels import reference, spec
 from lori_kernels.testing import (
-    assert_within_rule, bad_delta_arguments, dense_lora_baseline, random_packed)
+    assert_within_rule, bad_delta_arguments, baseline_grads, dense_lora_baseline, random_packed,
+    reference_grads)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["rademacher", "uniform"]
@@ -97,27 +98,6 @@ def test_deterministic():
 
 # ---- backward -------------------------------------------------------------------------------
 
-def _ref_grads(x, b, seed, dist, scale, gy):
-    """Autograd of the float64 reference, w.r.t. x and the packed values."""
-    x64 = x.detach().double().requires_grad_()
-    v64 = b.values.detach().double().requires_grad_()
-    dense = torch.zeros(b.out_features, b.rank, dtype=torch.float64)
-    dense = dense.masked_scatter(b.bool_mask(), v64)
-    y = reference.sparse_delta(x64, dense, seed, dist, scale)
-    y.backward(gy.double())
-    return x64.grad, v64.grad
-
-
-def _baseline_grads(x, b, seed, dist, scale, gy):
-    """Plain torch in x's dtype (the tolerance yardstick)."""
-    xd = x.detach().clone().requires_grad_()
-    vd = b.values.detach().clone().requires_grad_()
-    dense = torch.zeros(b.out_features, b.rank, dtype=x.dtype).masked_scatter(b.bool_mask(), vd)
-    a = reference.random_a(seed, b.rank, x.shape[-1], dist, dtype=x.dtype)
-    reference.dense_lora(xd, a, dense, scale).backward(gy)
-    return xd.grad, vd.grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("T", [1, 7, 16, 17, 130])
@@ -130,8 +110,8 @@ def test_backward_against_reference(dtype, dist, T):
     y = L.sparse_delta(x, bb, seed=77, distribution=dist, scale=2.0)
     gy = torch.randn(y.shape, generator=g).to(dtype)
     y.backward(gy)
-    rgx, rgv = _ref_grads(x, b, 77, dist, 2.0, gy)
-    bgx, bgv = _baseline_grads(x, b, 77, dist, 2.0, gy)
+    rgx, rgv = reference_grads(x, b, 77, dist, 2.0, gy)
+    bgx, bgv = baseline_grads(x, b, 77, dist, 2.0, gy)
     assert_within_rule(x.grad, rgx, bgx, "grad_x")
     assert_within_rule(values.grad, rgv, bgv, "grad_values")
 

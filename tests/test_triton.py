@@ -20,7 +20,8 @@ import lori_kernels as L  # noqa: E402
 import lori_kernels.triton as LT  # noqa: E402
 from lori_kernels import reference, spec  # noqa: E402
 from lori_kernels.testing import (  # noqa: E402
-    assert_within_rule, bad_delta_arguments, dense_lora_baseline, random_packed)
+    assert_within_rule, bad_delta_arguments, baseline_grads, dense_lora_baseline, random_packed,
+    reference_grads)
 
 if LT.import_error is not None and not isinstance(LT.import_error, ImportError):
     raise LT.import_error  # a bug in the backend, not a missing dependency
@@ -223,24 +224,6 @@ def test_forward_close_to_cpp(dist):
 
 # ---- backward ----------------------------------------------------------------------------------
 
-def _ref_grads(x, b, seed, dist, scale, gy):
-    x64 = x.detach().double().requires_grad_()
-    v64 = b.values.detach().double().requires_grad_()
-    dense = torch.zeros(b.out_features, b.rank, dtype=torch.float64)
-    dense = dense.masked_scatter(b.bool_mask(), v64)
-    reference.sparse_delta(x64, dense, seed, dist, scale).backward(gy.double())
-    return x64.grad, v64.grad
-
-
-def _baseline_grads(x, b, seed, dist, scale, gy):
-    xd = x.detach().clone().requires_grad_()
-    vd = b.values.detach().clone().requires_grad_()
-    dense = torch.zeros(b.out_features, b.rank, dtype=x.dtype).masked_scatter(b.bool_mask(), vd)
-    a = reference.random_a(seed, b.rank, x.shape[-1], dist, dtype=x.dtype)
-    reference.dense_lora(xd, a, dense, scale).backward(gy)
-    return xd.grad, vd.grad
-
-
 def _check_backward(x, b, seed, dist, scale, what=""):
     g = _gen(x.shape[0])
     xd = x.to(DEVICE).requires_grad_()
@@ -248,8 +231,8 @@ def _check_backward(x, b, seed, dist, scale, what=""):
     y = _delta(xd, b, seed, dist, scale, values=values)
     gy = torch.randn(y.shape, generator=g).to(x.dtype)
     y.backward(gy.to(DEVICE))
-    rgx, rgv = _ref_grads(x, b, seed, dist, scale, gy)
-    bgx, bgv = _baseline_grads(x, b, seed, dist, scale, gy)
+    rgx, rgv = reference_grads(x, b, seed, dist, scale, gy)
+    bgx, bgv = baseline_grads(x, b, seed, dist, scale, gy)
     assert xd.grad.dtype == x.dtype and values.grad.dtype == b.values.dtype
     assert_within_rule(xd.grad.cpu(), rgx, bgx, f"grad_x {what}")
     assert_within_rule(values.grad.cpu(), rgv, bgv, f"grad_values {what}")
