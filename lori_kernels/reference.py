@@ -71,9 +71,9 @@ def random_a(seed: int, rank: int, in_features: int, distribution: str = "radema
 def sparse_delta(x: torch.Tensor, b_dense: torch.Tensor, seed: int, distribution: str,
                  scale: float, compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """y = scale * (x @ A^T) @ B^T in compute_dtype (float64 by default), B given dense."""
-    a = random_a(seed, b_dense.shape[1], x.shape[-1], distribution).to(compute_dtype)
+    a = random_a(seed, b_dense.shape[1], x.shape[-1], distribution).to(x.device, compute_dtype)
     h = x.to(compute_dtype) @ a.T
-    return (h @ b_dense.to(compute_dtype).T) * scale
+    return (h @ b_dense.to(x.device, compute_dtype).T) * scale
 
 
 def dense_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
