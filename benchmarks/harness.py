@@ -26,7 +26,12 @@ def machine() -> dict:
                              text=True, check=False).stdout.strip()
     except OSError:
         sha = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    try:  # the instruction set lori's CPU kernels run with ("auto" returns the current level)
+        import lori_kernels  # noqa: F401
+        isa = torch.ops.lori._set_cpu_isa("auto")
+    except Exception:  # noqa: BLE001 - a stamp, never a failure
+        isa = "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "lori_cpu_isa": isa,
             "torch": torch.__version__, "python": platform.python_version(), "git": sha,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

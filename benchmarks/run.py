@@ -75,7 +75,8 @@ def ratios(rows):
 
 def report(data) -> str:
     m = data["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (lori CPU kernels: {m.get('lori_cpu_isa', '?')}), "
+             f"torch {m['torch']} ({m['threads']} threads), "
              f"git {m['git']}, {m['date']}. Medians of interleaved runs; ratio = ours / dense LoRA "
              "(two F.linear calls, same dtype) measured in the same run. glibc's mmap threshold "
              "is pinned (`GLIBC_TUNABLES`, see benchmarks/run.py) so large outputs come from "
