@@ -75,6 +75,19 @@ DeltaShape check_sparse_delta_args(const char* op, const at::Tensor& x, const at
   return s;
 }
 
+DeltaShape check_merge_delta_args(const char* op, const at::Tensor& weight, const at::Tensor& mask,
+                                  const at::Tensor& values, const at::Tensor& offsets,
+                                  int64_t rank, int64_t seed, std::string_view distribution) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, op,
+                    ": weight must be 2-D (out_features, in_features), got ", weight.sizes());
+  // weight stands in for x: its rows are "tokens" of in_features, its dtype is values'.
+  const DeltaShape s = check_sparse_delta_args(op, weight, mask, values, offsets, rank, seed,
+                                               distribution);
+  TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),
+                    " rows but mask has out_features = ", s.out_features);
+  return s;
+}
+
 void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                   const DeltaShape& s) {
   TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),

@@ -35,6 +35,12 @@ DeltaShape check_sparse_delta_args(const char* op, const at::Tensor& x, const at
                                    const at::Tensor& values, const at::Tensor& offsets,
                                    int64_t rank, int64_t seed, std::string_view distribution);
 
+// merge_delta_'s checks: weight (out_features, in_features) with weight's dtype for values,
+// plus everything check_sparse_delta_args checks. Shared by the CPU and CUDA kernels.
+DeltaShape check_merge_delta_args(const char* op, const at::Tensor& weight, const at::Tensor& mask,
+                                  const at::Tensor& values, const at::Tensor& offsets,
+                                  int64_t rank, int64_t seed, std::string_view distribution);
+
 void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                   const DeltaShape& s);
 

@@ -13,15 +13,8 @@ from lori_kernels.workflow import (calibrate_masks, export_peft, import_peft, in
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from hf_models import LLAMA_TARGETS, tiny_llama  # noqa: E402
+TARGETS = LLAMA_TARGETS
 
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -18,16 +18,8 @@ from lori_kernels.workflow import (adapter_stats, add_task_adapter, calibrate_ma
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from hf_models import LLAMA_TARGETS, tiny_llama  # noqa: E402
 MINILM_TARGETS = ["query", "key", "value", "dense"]
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")

@@ -139,8 +139,7 @@ LORI_AVX2 inline __m256 sign_mask8(uint32_t word, int sub) {
 template <int NT>
 LORI_AVX2 void dot_group_avx2(const float* x, int64_t n, int64_t ldx, const RowA& a, float* out) {
   // NT == 1: four accumulators for one token; NT == 4: one accumulator per token.
-  constexpr int NACC = NT == 1 ? 4 : 4;
-  __m256 acc[NACC];
+  __m256 acc[4];
   for (auto& v : acc) v = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {

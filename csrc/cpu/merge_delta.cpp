@@ -14,14 +14,8 @@ void merge_delta_cpu(const at::Tensor& weight, const at::Tensor& mask, const at:
                      const at::Tensor& offsets, int64_t rank, int64_t seed,
                      c10::string_view distribution, double scale) {
   const char* op = "merge_delta_";
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ",
-                    weight.sizes());
-  // x stands in for a (1, in_features) input: the same argument checks as sparse_delta.
-  const at::Tensor x_like = at::empty({0, weight.size(1)}, weight.options());
-  const DeltaShape s = check_sparse_delta_args(op, x_like, mask, values, offsets, rank, seed,
-                                               distribution);
-  TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),
-                    " rows but mask has out_features = ", s.out_features);
+  const DeltaShape s = check_merge_delta_args(op, weight, mask, values, offsets, rank, seed,
+                                              distribution);
   check_bitmask_cpu(op, mask, offsets, rank, values.numel());
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor b = dense_b(mask, values, rank, acc).mul_(scale);  // (out, rank)

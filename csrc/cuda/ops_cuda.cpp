@@ -302,12 +302,8 @@ void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& mask, const at
                       const at::Tensor& offsets, int64_t rank, int64_t seed,
                       c10::string_view distribution, double scale) {
   const char* op = "merge_delta_";
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ",
-                    weight.sizes());
-  const DeltaShape s = check_sparse_delta_args(op, weight, mask, values, offsets, rank, seed,
-                                               distribution);
-  TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),
-                    " rows but mask has ", s.out_features, " (out_features)");
+  const DeltaShape s = check_merge_delta_args(op, weight, mask, values, offsets, rank, seed,
+                                              distribution);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (weight.numel() == 0) return;
   check_grid_y(op, num_chunks(s.out_features), "64-row chunks of B");
