@@ -90,6 +90,9 @@ TORCH_LIBRARY(lori, m) {
   m.def(
       "triton_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
       "str distribution) -> ()");
+  m.def(
+      "triton_merge_delta_(Tensor(a!) weight, Tensor mask, Tensor values, Tensor offsets, "
+      "int rank, int seed, str distribution, float scale) -> ()");
   // ---- batched multi-adapter ops (issue 4): schemas below this line -------------------
   // Many adapters of one pool (same rank, in_features, out_features) in one batch:
   //   y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]
@@ -106,6 +109,16 @@ TORCH_LIBRARY(lori, m) {
   // the used adapters). Each is an empty tensor when its need_* flag is false.
   m.def(
       "batched_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor adapter_ids, "
+      "Tensor masks, Tensor values, Tensor value_starts, Tensor offsets, Tensor seeds, "
+      "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values) "
+      "-> (Tensor, Tensor)");
+  // Triton backend of the two batched ops (same semantics; lori_kernels/triton).
+  m.def(
+      "triton_batched_sparse_delta(Tensor x, Tensor adapter_ids, Tensor masks, Tensor values, "
+      "Tensor value_starts, Tensor offsets, Tensor seeds, Tensor scales, "
+      "Tensor distributions, int rank, Tensor? base=None) -> Tensor");
+  m.def(
+      "triton_batched_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor adapter_ids, "
       "Tensor masks, Tensor values, Tensor value_starts, Tensor offsets, Tensor seeds, "
       "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values) "
       "-> (Tensor, Tensor)");
