@@ -20,6 +20,15 @@ bool has_avx2() {
   return ok;
 }
 
+void tile_words_scalar(const AGenParams& g, PairCursor& cur, int64_t n, uint32_t* words) {
+  for (int64_t p = 0; p < n; ++p) {
+    uint32_t blk, row;
+    cur.next(1, &blk, &row);
+    const U32x4 o = a_block(g.k0, g.k1, g.dist, blk, row);
+    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
+  }
+}
+
 namespace {
 
 // ---- Philox on 8 counters at once --------------------------------------------------------
@@ -66,30 +75,29 @@ LORI_AVX2 void tile_words_avx2(const AGenParams& g, int64_t r0, int64_t b0, int6
                                int64_t n, uint32_t* words) {
   const __m256i c2 = _mm256_set1_epi32(g.dist), c3 = _mm256_setzero_si256();
   int64_t p = 0;
-  alignas(32) uint32_t blk[8], row[8];
-  for (; p + 8 <= n; p += 8) {
-    for (int i = 0; i < 8; ++i) {
-      blk[i] = static_cast<uint32_t>(b0 + (p + i) % nb);
-      row[i] = static_cast<uint32_t>(r0 + (p + i) / nb);
+  if (n >= 8) {
+    // Counters stepped in registers (see tile_words_avx512).
+    alignas(32) uint32_t blk[8], row[8];
+    PairCursor(r0, b0, nb).next(8, blk, row);
+    __m256i vb = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk));
+    __m256i vr = _mm256_load_si256(reinterpret_cast<const __m256i*>(row));
+    const __m256i vnb = _mm256_set1_epi32(static_cast<int>(nb));
+    const __m256i last = _mm256_set1_epi32(static_cast<int>(b0 + nb - 1));
+    const __m256i step = _mm256_set1_epi32(8);
+    for (; p + 8 <= n; p += 8) {
+      philox8(g.k0, g.k1, vb, vr, c2, c3, words + 4 * p);
+      vb = _mm256_add_epi32(vb, step);
+      for (__m256i m = _mm256_cmpgt_epi32(vb, last); !_mm256_testz_si256(m, m);
+           m = _mm256_cmpgt_epi32(vb, last)) {
+        vb = _mm256_sub_epi32(vb, _mm256_and_si256(m, vnb));
+        vr = _mm256_sub_epi32(vr, m);  // m is -1 in wrapped lanes
+      }
     }
-    philox8(g.k0, g.k1, _mm256_load_si256(reinterpret_cast<const __m256i*>(blk)),
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(row)), c2, c3, words + 4 * p);
   }
-  for (; p < n; ++p) {
-    const U32x4 o = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(b0 + p % nb),
-                            static_cast<uint32_t>(r0 + p / nb));
-    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
-  }
+  PairCursor cur(r0, b0, nb, p);
+  tile_words_scalar(g, cur, n - p, words + 4 * p);
 }
 
-void tile_words_scalar(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb, int64_t n,
-                       uint32_t* words) {
-  for (int64_t p = 0; p < n; ++p) {
-    const U32x4 o = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(b0 + p % nb),
-                            static_cast<uint32_t>(r0 + p / nb));
-    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
-  }
-}
 
 // ---- words -> fp32 elements ---------------------------------------------------------------
 // Element e of a row's word stream: uniform -> word e; Rademacher -> bit e%32 of word e/32.
@@ -137,7 +145,8 @@ void gen_a_words(const AGenParams& g, int64_t r0, int64_t r1, int64_t b0, int64_
   } else if (isa == 1) {
     tile_words_avx2(g, r0, b0, nb, (r1 - r0) * nb, words);
   } else {
-    tile_words_scalar(g, r0, b0, nb, (r1 - r0) * nb, words);
+    PairCursor cur(r0, b0, nb);
+    tile_words_scalar(g, cur, (r1 - r0) * nb, words);
   }
 }
 

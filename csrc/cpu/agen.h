@@ -18,4 +18,31 @@ void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t
 void gen_a_words(const AGenParams& g, int64_t r0, int64_t r1, int64_t b0, int64_t nb,
                  uint32_t* words);
 
+// Philox counters of the (row, block) pairs p = 0, 1, ... of a tile: row r0 + p / nb, block
+// b0 + p % nb, stepped without dividing (a 64-bit divide per pair cost more than the
+// vectorized rounds of its block).
+class PairCursor {
+ public:
+  // Starting at pair p.
+  PairCursor(int64_t r0, int64_t b0, int64_t nb, int64_t p = 0)
+      : b0_(b0), b1_(b0 + nb), blk_(b0 + p % nb), row_(r0 + p / nb) {}
+  // The next n pairs' counters.
+  void next(int n, uint32_t* blk, uint32_t* row) {
+    for (int i = 0; i < n; ++i) {
+      blk[i] = static_cast<uint32_t>(blk_);
+      row[i] = static_cast<uint32_t>(row_);
+      if (++blk_ == b1_) {
+        blk_ = b0_;
+        ++row_;
+      }
+    }
+  }
+
+ private:
+  int64_t b0_, b1_, blk_, row_;
+};
+
+// Blocks of the next n pairs of `cur`, one at a time (tails of the vectorized generators).
+void tile_words_scalar(const AGenParams& g, PairCursor& cur, int64_t n, uint32_t* words);
+
 }  // namespace lori::cpu

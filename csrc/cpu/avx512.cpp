@@ -4,6 +4,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "avx512.h"
+#include "agen.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -108,25 +109,36 @@ LORI_AVX512 void philox16(uint32_t k0, uint32_t k1, __m512i c0, __m512i c1, __m5
 LORI_AVX512 void tile_words_avx512(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb,
                                    int64_t n, uint32_t* words) {
   const __m512i c2 = _mm512_set1_epi32(g.dist), c3 = _mm512_setzero_si512();
-  alignas(64) uint32_t blk[16], row[16];
   int64_t p = 0;
-  for (; p + 16 <= n; p += 16) {
-    for (int i = 0; i < 16; ++i) {
-      blk[i] = static_cast<uint32_t>(b0 + (p + i) % nb);
-      row[i] = static_cast<uint32_t>(r0 + (p + i) / nb);
+  if (n >= 16) {
+    // Counters stepped in registers: 16 scalar stores re-read as one vector would stall on
+    // store forwarding at every step.
+    alignas(64) uint32_t blk[16], row[16];
+    PairCursor(r0, b0, nb).next(16, blk, row);
+    __m512i vb = _mm512_load_si512(blk), vr = _mm512_load_si512(row);
+    const __m512i vnb = _mm512_set1_epi32(static_cast<int>(nb));
+    const __m512i last = _mm512_set1_epi32(static_cast<int>(b0 + nb - 1));
+    const __m512i step = _mm512_set1_epi32(16), one = _mm512_set1_epi32(1);
+    for (; p + 16 <= n; p += 16) {
+      philox16(g.k0, g.k1, vb, vr, c2, c3, words + 4 * p);
+      vb = _mm512_add_epi32(vb, step);
+      // Lanes past the last block wrap to the next row (more than once when nb < 16).
+      for (__mmask16 m = _mm512_cmpgt_epi32_mask(vb, last); m != 0;
+           m = _mm512_cmpgt_epi32_mask(vb, last)) {
+        vb = _mm512_mask_sub_epi32(vb, m, vb, vnb);
+        vr = _mm512_mask_add_epi32(vr, m, vr, one);
+      }
     }
-    philox16(g.k0, g.k1, _mm512_load_si512(blk), _mm512_load_si512(row), c2, c3, words + 4 * p);
   }
-  for (; p < n; ++p) {
-    const U32x4 o = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(b0 + p % nb),
-                            static_cast<uint32_t>(r0 + p / nb));
-    std::memcpy(words + 4 * p, o.v, sizeof(o.v));
-  }
+  PairCursor cur(r0, b0, nb, p);
+  tile_words_scalar(g, cur, n - p, words + 4 * p);
 }
 
 namespace {
 
-// Sign dot of NT tokens (NT == 1: four accumulators; NT == 4: two per token).
+// Sign dot of NT tokens (NT == 1: four accumulators, 64 columns a step, so the add chains
+// overlap; NT == 4: two per token). Accumulator indices are compile-time constants: an index
+// that alternates at run time sent them through the stack.
 template <int NT>
 LORI_AVX512 void sign_dot_group(const float* x, int64_t n, int64_t ldx, const uint32_t* signs,
                                 float magnitude, float* out) {
@@ -137,16 +149,25 @@ LORI_AVX512 void sign_dot_group(const float* x, int64_t n, int64_t ldx, const ui
     for (int a = 0; a < NA; ++a) acc[t][a] = _mm512_setzero_ps();
   }
   int64_t j = 0;
-  int flip = 0;
-  for (; j + 32 <= n; j += 32, flip ^= 1) {
+  if constexpr (NT == 1) {
+    for (; j + 64 <= n; j += 64) {
+      const uint64_t w = static_cast<uint64_t>(signs[j >> 5]) |
+                         (static_cast<uint64_t>(signs[(j >> 5) + 1]) << 32);
+      for (int a = 0; a < 4; ++a) {
+        const __mmask16 k = static_cast<__mmask16>(w >> (16 * a));
+        const __m512 xa = _mm512_loadu_ps(x + j + 16 * a);
+        acc[0][a] = _mm512_add_ps(acc[0][a], _mm512_mask_xor_ps(xa, k, xa, sign));
+      }
+    }
+  }
+  for (; j + 32 <= n; j += 32) {
     const uint32_t w = signs[j >> 5];
     const __mmask16 k0 = static_cast<__mmask16>(w), k1 = static_cast<__mmask16>(w >> 16);
     for (int t = 0; t < NT; ++t) {
       const float* xt = x + t * ldx + j;
       const __m512 x0 = _mm512_loadu_ps(xt), x1 = _mm512_loadu_ps(xt + 16);
-      const int a0 = NA == 4 ? 2 * flip : 0;
-      acc[t][a0] = _mm512_add_ps(acc[t][a0], _mm512_mask_xor_ps(x0, k0, x0, sign));
-      acc[t][a0 + 1] = _mm512_add_ps(acc[t][a0 + 1], _mm512_mask_xor_ps(x1, k1, x1, sign));
+      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_mask_xor_ps(x0, k0, x0, sign));
+      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_mask_xor_ps(x1, k1, x1, sign));
     }
   }
   if (j < n) {  // tail: zero lanes past n add nothing
@@ -181,26 +202,28 @@ LORI_AVX512 void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int
 namespace {
 
 // a[0..15] -> one vector whose lane r is the sum of a[r]'s 16 lanes: a shuffle-add tree
-// (3 ops per row) instead of 16 separate horizontal sums.
+// instead of 16 separate horizontal sums.
 LORI_AVX512 inline __m512 reduce16(const __m512* a) {
+  // Each level pairs vectors: a blend (ports 0/5) takes the halves that stay, one shuffle
+  // (port 5) brings the halves that move, so 16 -> 1 costs 15 shuffles instead of 30 (port 5
+  // is what the B stage runs out of). The tree leaves row r's sum in lane r.
+  const __m512i mid = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
   __m512 t[8], u[4], w[2];
   for (int i = 0; i < 8; ++i) {
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 3, 2)),
+                         _mm512_mask_blend_ps(0xFF00, a[i], a[i + 8]));
   }
   for (int i = 0; i < 4; ++i) {
-    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(t[i], t[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+    u[i] = _mm512_add_ps(_mm512_permutex2var_ps(t[i], mid, t[i + 4]),
+                         _mm512_mask_blend_ps(0xF0F0, t[i], t[i + 4]));
   }
   for (int i = 0; i < 2; ++i) {
-    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 3, 2)),
+                         _mm512_mask_blend_ps(0xCCCC, u[i], u[i + 2]));
   }
-  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  // The tree leaves row r's sum in lane idx[r].
-  const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-  return _mm512_permutexvar_ps(idx, z);
+  return _mm512_add_ps(
+      _mm512_permute_ps(_mm512_mask_blend_ps(0x5555, w[0], w[1]), _MM_SHUFFLE(2, 3, 0, 1)),
+      _mm512_mask_blend_ps(0xAAAA, w[0], w[1]));
 }
 
 // Each 16 mask bits expand 16 packed values into a dense vector (vexpandps reads exactly
@@ -274,12 +297,91 @@ LORI_AVX512 int64_t expand_nt(const BView& b, int64_t rank, int64_t nnz, const f
   return -1;
 }
 
+// expand_nt for the decode hot path: one token, rank <= 32 (one mask word per row). The
+// 16-row group is fully unrolled so the 16 accumulators and h stay in registers (the generic
+// loop above spills them), and each row's value start comes from the validation pass, so no
+// row waits on the previous row's popcount.
+template <typename scalar_t>
+LORI_AVX512 int64_t expand_1t_w1(const BView& b, int64_t rank, int64_t nnz, const float* h,
+                                 float scale, scalar_t* y, int64_t c0, int64_t c1,
+                                 bool accumulate) {
+  const uint32_t invalid = ~last_word_valid_bits(static_cast<int>(rank));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 h0 = _mm512_loadu_ps(h), h1 = _mm512_loadu_ps(h + 16);
+  alignas(64) int32_t starts[kRowChunk];
+  alignas(64) uint32_t words[kRowChunk];
+  alignas(64) float sums[16];
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t row0 = c * kRowChunk, n = std::min<int64_t>(kRowChunk, b.out - row0);
+    const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
+    if (o0 < 0 || o1 < o0 || o1 > nnz) return c;
+    // Validate the chunk and find row starts before any value is read. Rows past the end of
+    // B get an empty mask (their expand-loads read nothing).
+    const uint32_t* w = b.mask + row0;
+    int32_t count = 0;
+    uint32_t stray = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      starts[r] = count;
+      words[r] = w[r];
+      count += __builtin_popcount(w[r]);
+      stray |= w[r];
+    }
+    if (n < kRowChunk) {
+      for (int64_t r = n; r < kRowChunk; ++r) {
+        starts[r] = count;
+        words[r] = 0;
+      }
+    }
+    if ((stray & invalid) != 0 || count != o1 - o0) return c;
+    const float* vc = b.values + o0;
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        // Mask halves loaded from memory straight into k registers: a kmov from a general
+        // register would take port 5, which the expand-loads and reduce16 already saturate.
+        // (GCC turns _load_mask16 into movzwl + kmovw, hence the asm.)
+        const uint16_t* half = reinterpret_cast<const uint16_t*>(words + i0 + i);
+        __mmask16 k0, k1;
+        asm("kmovw %1, %0" : "=k"(k0) : "m"(half[0]));
+        asm("kmovw %1, %0" : "=k"(k1) : "m"(half[1]));
+        const float* v = vc + starts[i0 + i];
+        const uint32_t m = words[i0 + i];
+        const __m512 d0 = _mm512_maskz_expandloadu_ps(k0, v);
+        const __m512 d1 = _mm512_maskz_expandloadu_ps(k1, v + __builtin_popcount(m & 0xffffu));
+        acc[i] = _mm512_fmadd_ps(d1, h1, _mm512_mul_ps(d0, h0));
+      }
+      _mm512_store_ps(sums, _mm512_mul_ps(reduce16(acc), vscale));
+      scalar_t* dst = y + row0 + i0;
+      const int no = static_cast<int>(std::min<int64_t>(16, n - i0));
+      for (int half = 0; half < 2; ++half) {
+        const int n8 = std::min(8, no - 8 * half);
+        if (n8 <= 0) break;
+        __m256 v8 = _mm256_load_ps(sums + 8 * half);
+        scalar_t* d = dst + 8 * half;
+        if (accumulate) v8 = _mm256_add_ps(v8, n8 == 8 ? load8(d) : load_partial(d, n8));
+        if (n8 == 8) {
+          store8(d, v8);
+        } else {
+          store_partial(d, v8, n8);
+        }
+      }
+    }
+  }
+  return -1;
+}
+
 }  // namespace
 
 template <typename scalar_t>
 int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,
                               const float* h, int64_t ldh, float scale, scalar_t* y, int64_t c0,
                               int64_t c1, const int64_t* tok, bool accumulate) {
+  // h rows are zero-padded to a multiple of 32 (hrow), so rank <= 32 may load 32 lanes.
+  if (T == 1 && b.words == 1) {
+    return expand_1t_w1<scalar_t>(b, rank, nnz, h, scale, tok ? y + tok[0] * b.out : y, c0, c1,
+                                  accumulate);
+  }
   switch (T) {
     case 1: return expand_nt<scalar_t, 1>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate);
     case 2: return expand_nt<scalar_t, 2>(b, rank, nnz, h, ldh, scale, y, c0, c1, tok, accumulate);
