@@ -21,8 +21,9 @@ from lori_kernels.testing import random_packed, tolerance_bound
 ops = torch.ops.lori
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
-CUDA_OPS = ("_random_a_fill", "philox4x32_10", "sparse_delta", "sparse_delta_backward",
-            "merge_delta_", "batched_sparse_delta", "batched_sparse_delta_backward")
+CUDA_OPS = ("_random_a_fill", "philox4x32_10", "sparse_delta", "sparse_delta_fwd",
+            "sparse_delta_backward", "merge_delta_", "batched_sparse_delta",
+            "batched_sparse_delta_backward")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SEED = 0x9E3779B97F4A7C15  # high bit set: exercises the uint64 seed path
 
@@ -225,6 +226,40 @@ def test_sparse_delta_backward(dtype, T, shape):
     gx2, gv2 = ops.sparse_delta_backward(gy, x, packed.mask, packed.values, packed.offsets, rank,
                                          _seed_arg(SEED), dist, scale, False, True)
     assert gx2.numel() == 0 and torch.equal(gv2, gv)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("T", [0, 1, 7, 513])
+def test_sparse_delta_fwd_returns_h_and_backward_reuses_it(dtype, T):
+    """sparse_delta_fwd: y as sparse_delta (within the rule), h = x @ A^T in fp32 (fp64 for
+    float64); the backward given h matches the one that recomputes it."""
+    in_f, out_f, rank = 341, 200, 40
+    packed, b = make_b(out_f, rank, "sparse", dtype, "cuda", gen_seed=T + 1)
+    x = torch.randn(T, in_f, device="cuda").to(dtype)
+    args = (x, packed.mask, packed.values, packed.offsets, rank, _seed_arg(SEED), "uniform", 0.5)
+    y, h = ops.sparse_delta_fwd(*args)
+    hdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.shape == (T, out_f) and y.dtype == dtype
+    assert h.shape == (T, rank) and h.dtype == hdt and h.is_cuda
+    if T == 0:
+        return
+    a = _ref_a(SEED, rank, in_f, "uniform").cuda()
+    ok, msg = tol_ok(y, (x.double() @ a.double().T) @ b.double().T * 0.5,
+                     reference.dense_lora(x, a.to(dtype), b, 0.5))
+    assert ok, msg
+    h_ref = x.double() @ a.double().T
+    err = (h.double() - h_ref).abs().max().item()
+    assert err <= 1e-4 * max(h_ref.abs().max().item(), 1.0), err  # fp32 accumulation of exact products
+    gy = torch.randn(T, out_f, device="cuda").to(dtype)
+    bargs = (gy, *args, True, True)
+    gx0, gv0 = ops.sparse_delta_backward(*bargs)
+    gx1, gv1 = ops.sparse_delta_backward(*bargs, h)
+    assert torch.equal(gx0, gx1)
+    torch.testing.assert_close(gv1, gv0)
+    with pytest.raises(ValueError, match="h must be"):
+        ops.sparse_delta_backward(*bargs, h[:, :-1])
+    torch.library.opcheck(ops.sparse_delta_fwd.default, args)
 
 
 @needs_cuda

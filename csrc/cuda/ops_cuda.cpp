@@ -67,10 +67,13 @@ std::pair<at::Tensor, int> shrink_a(const char* op, const at::Tensor& x2, const 
   return {partial, sp.splits};
 }
 
-at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-                             const at::Tensor& offsets, int64_t rank, int64_t seed,
-                             c10::string_view distribution, double scale) {
-  const char* op = "sparse_delta";
+// y = scale * (x A^T) B^T, and with keep_h also h = x A^T (T, rank) in the accumulation dtype
+// (sparse_delta_fwd, for the backward to reuse): then the partials are always summed first.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& x,
+                                                const at::Tensor& mask, const at::Tensor& values,
+                                                const at::Tensor& offsets, int64_t rank,
+                                                int64_t seed, c10::string_view distribution,
+                                                double scale, bool keep_h) {
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -78,7 +81,10 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
   out_shape.back() = s.out_features;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens;
-  if (T == 0 || s.out_features == 0) return y;
+  const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  if (T == 0 || (s.out_features == 0 && !keep_h)) {
+    return {y, keep_h ? at::zeros({T, rank}, acc) : at::Tensor()};
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
   const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
@@ -86,9 +92,11 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
   const auto hp = shrink_a(op, x2, s, stream);
   // Decode: expand_b sums the few (T x rank) partials itself. Prefill: every chunk block would
   // re-read all of them, so they are summed once first (a plain fixed-order reduction).
-  const bool presum = hp.second > 1 && T > kSmallTile;
+  const bool presum = hp.second > 1 && (T > kSmallTile || keep_h);
   const at::Tensor partial = presum ? hp.first.sum(0, /*keepdim=*/true) : hp.first;
   const int splits = presum ? 1 : hp.second;
+  at::Tensor h = keep_h ? partial[0] : at::Tensor();  // (T, rank) when keep_h (splits == 1)
+  if (s.out_features == 0) return {y, h};
   const BMask b = to_bmask(m, off, rank, v.numel());
   const int tile = token_tile(T, x.scalar_type(), rank);
   const int64_t tiles = (T + tile - 1) / tile, nch = num_chunks(s.out_features);
@@ -113,22 +121,49 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
     launch_expand_b<scalar_t>(partial.data_ptr<acc_t>(), splits, T, b, v.data_ptr<scalar_t>(),
                               scale, tile, cpb, y.data_ptr<scalar_t>(), stream);
   });
-  return y;
+  return {y, h};
 }
 
-// h (a saved x @ A^T) is accepted for the schema and not used: the CUDA backward recomputes
-// it inside its fused kernels, and the CUDA forward does not keep it.
+at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                             const at::Tensor& offsets, int64_t rank, int64_t seed,
+                             c10::string_view distribution, double scale) {
+  return std::get<0>(forward_impl("sparse_delta", x, mask, values, offsets, rank, seed,
+                                  distribution, scale, false));
+}
+
+// (y, h = x @ A^T): the forward autograd would use when B's values need a gradient (the
+// backward then skips recomputing h). h is (T, rank) fp32 (float64 for float64 x).
+std::tuple<at::Tensor, at::Tensor> sparse_delta_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+    const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
+    double scale) {
+  return forward_impl("sparse_delta_fwd", x, mask, values, offsets, rank, seed, distribution,
+                      scale, true);
+}
+
+// h, when given and non-empty, is sparse_delta_fwd's x @ A^T: grad_values then skips the
+// shrink_a that recomputes it (checked like the CPU backend: (T, rank), fp32 / fp64, x's
+// device).
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
     c10::string_view distribution, double scale, bool need_x, bool need_values,
-    const std::optional<at::Tensor>& /*h*/) {
+    const std::optional<at::Tensor>& h_in) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
   check_grad_y(op, grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = s.tokens;
+  at::Tensor h_saved;
+  if (h_in.has_value() && h_in->defined() && h_in->numel() > 0) {
+    h_saved = *h_in;
+    const auto hdt = acc_dtype(x.scalar_type());
+    TORCH_CHECK_VALUE(h_saved.dim() == 2 && h_saved.size(0) == T && h_saved.size(1) == rank &&
+                          h_saved.scalar_type() == hdt && h_saved.device() == x.device(),
+                      op, ": h must be (", T, ", ", rank, ") ", hdt, " on x's device, got ",
+                      h_saved.sizes(), " ", h_saved.scalar_type());
+  }
   const bool empty = T == 0 || s.out_features == 0;
   // grad_x is fully written by expand_a unless there is nothing to reduce.
   at::Tensor gx = !need_x ? at::empty({0}, x.options())
@@ -203,10 +238,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     }
   }
   if (need_values) {
-    const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
-    const auto hp = shrink_a(op, x2, s, stream);
-    // (T, rank); a plain sum over dim 0 of a contiguous tensor: fixed order, deterministic.
-    const at::Tensor h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
+    at::Tensor h;
+    if (h_saved.defined()) {
+      h = h_saved.contiguous();
+    } else {
+      const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
+      const auto hp = shrink_a(op, x2, s, stream);
+      // (T, rank); a plain sum over dim 0 of a contiguous tensor: fixed order, deterministic.
+      h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
+    }
     bool done = false;
     if (mma) {
       const Split sp = plan_split(T, kMmaTM, nch, sms);
@@ -306,6 +346,7 @@ TORCH_LIBRARY_IMPL(lori, CUDA, m) {
   m.impl("_random_a_fill", &lori::cuda::random_a_fill_cuda);
   m.impl("philox4x32_10", &lori::cuda::philox_cuda);
   m.impl("sparse_delta", &lori::cuda::sparse_delta_cuda);
+  m.impl("sparse_delta_fwd", &lori::cuda::sparse_delta_fwd_cuda);
   m.impl("sparse_delta_backward", &lori::cuda::sparse_delta_backward_cuda);
   m.impl("merge_delta_", &lori::cuda::merge_delta_cuda);
 }
