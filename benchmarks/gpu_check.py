@@ -14,6 +14,15 @@ Providers: "cuda" (torch.ops.lori.sparse_delta / sparse_delta_backward on CUDA t
 "triton" (torch.ops.lori.triton_* when lori_kernels.triton is importable), "dense_cublas".
 fwd+bwd of the lori providers is the forward op plus the backward op (grad_x and grad_values);
 for dense it is autograd through dense_lora with x and B requiring grad (A frozen).
+
+Batched rows (op "batched_fwd"): batched_sparse_delta over a 64-adapter pool, T=64 decode
+tokens over 1, 8 and 64 distinct adapters (interleaved) and T=2048 prefill over 8 adapters
+(runs of 256), same shape/rank/sparsity/dtype. Providers: "cuda_batched"
+(torch.ops.lori.batched_sparse_delta), "triton_batched" (torch.ops.lori.triton_batched_sparse_delta;
+skipped, with the reason in "errors", when it has no kernel), "dense_loop" (a Python loop of
+dense LoRA per adapter; the per-adapter token indices are computed outside the timing) and
+"stacked_bmm" (gather dense A[ids], B[ids] per token from stacked tensors, then bmm). They run
+with fewer timing reps and their own time budget (--batched-budget-s).
 """
 from __future__ import annotations
 
@@ -65,7 +74,7 @@ def write_json(path: str, data: dict) -> None:
 
 # ---- timing --------------------------------------------------------------------------------------
 
-def make_timer(device: str):
+def make_timer(device: str, warmup_ms: int = 25, rep_ms: int = 100):
     """fn -> (median, p20, p80) in microseconds."""
     import torch
 
@@ -84,14 +93,14 @@ def make_timer(device: str):
         from triton.testing import do_bench
 
         def time_triton(fn):
-            q = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+            q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
             return tuple(v * 1e3 for v in q)
         return time_triton, "triton.testing.do_bench (median, p20, p80; L2 flushed)"
     except ImportError:
         pass
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
 
-    def time_events(fn, reps: int = 50):
+    def time_events(fn, reps: int = max(10, rep_ms // 2)):
         for _ in range(5):
             fn()
         ts = []
@@ -105,7 +114,7 @@ def make_timer(device: str):
             ts.append(s.elapsed_time(e) * 1e3)
         ts.sort()
         return ts[len(ts) // 2], ts[len(ts) // 5], ts[(4 * len(ts)) // 5]
-    return time_events, "CUDA events (median, p20, p80 of 50; L2 flushed)"
+    return time_events, f"CUDA events (median, p20, p80 of {max(10, rep_ms // 2)}; L2 flushed)"
 
 
 def measure_copy_gbps(device: str) -> float | None:
@@ -152,6 +161,126 @@ def dense_bytes(T, in_f, out_f, rank, esize, with_bwd):
         2 * out_f * rank * esize
 
 
+# ---- batched multi-adapter rows ---------------------------------------------------------------
+
+BATCHED_CASES = [("decode", 64, 1, "interleaved"), ("decode", 64, 8, "interleaved"),
+                 ("decode", 64, 64, "interleaved"), ("prefill", 2048, 8, "runs")]
+BATCHED_POOL = 64
+
+
+def _triton_batched_unavailable(device: str) -> str | None:
+    """Why the Triton batched op cannot be benchmarked here (None: try it)."""
+    if device != "cuda":
+        return "dry run"
+    try:
+        import lori_kernels.triton as lori_triton
+    except Exception as e:
+        return f"lori_kernels.triton: {type(e).__name__}: {e}"
+    if not lori_triton.available():
+        return f"triton backend unavailable: {lori_triton.import_error!r}"
+    return None
+
+
+def run_batched(args, report, device, dtype, feats, rank, add) -> None:
+    """batched_sparse_delta rows (see the module docstring)."""
+    import torch
+
+    import lori_kernels
+    from lori_kernels import reference
+    from lori_kernels.testing import random_packed
+
+    ops = torch.ops.lori
+    timer, _ = make_timer(device, warmup_ms=10, rep_ms=40)
+    cases = BATCHED_CASES
+    n_pool = BATCHED_POOL
+    if args.dry_run:  # CPU: small and quick
+        cases, n_pool = [("decode", 16, 1, "interleaved"), ("decode", 16, 4, "interleaved"),
+                         ("prefill", 64, 4, "runs")], 4
+    scale = 2.0
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(1)
+    pool = lori_kernels.AdapterPool(feats, feats, rank, dtype=dtype, capacity=n_pool)
+    a_dense, b_dense = [], []
+    for i in range(n_pool):
+        b = random_packed(feats, rank, density=1.0 - args.sparsity, dtype=dtype, generator=gen)
+        pool.add(f"a{i}", b, seed=7000 + i, scale=scale)
+        a_dense.append(lori_kernels.random_a(7000 + i, rank, feats, dtype=dtype))  # C++ CPU
+        b_dense.append(b.to_dense())
+    pool.to(device)
+    a_all = torch.stack(a_dense).to(device)  # (N, r, in)
+    b_all = torch.stack(b_dense).to(device)  # (N, out, r)
+    pool_args = pool.op_args()
+    log(f"batched: pool of {n_pool} adapters ready in {time.time() - t0:.1f}s")
+
+    prov_name = "cuda_batched" if device == "cuda" else "cpu_batched"
+    providers = {prov_name: ops.batched_sparse_delta}
+    why = _triton_batched_unavailable(device)
+    if why is None:
+        providers["triton_batched"] = ops.triton_batched_sparse_delta
+    else:
+        report["errors"].append(f"triton_batched skipped: {why}")
+
+    t_begin = time.time()
+    for name, T, k, layout in cases:
+        if time.time() - t_begin > args.batched_budget_s:
+            report["errors"].append(f"batched budget: skipped {name} T={T} adapters={k} and later")
+            break
+        g = torch.Generator().manual_seed(T + k)
+        ids_cpu = (torch.arange(k).repeat_interleave(T // k) if layout == "runs"
+                   else torch.randperm(T, generator=g) % k)
+        ids = ids_cpu.to(torch.int32).to(device)
+        ids_long = ids_cpu.to(device)
+        x = torch.randn(T, feats, generator=g).to(dtype).to(device)
+        groups = [(a, (ids_cpu == a).nonzero().flatten().to(device))
+                  for a in ids_cpu.unique().tolist()]
+
+        def dense_loop():
+            y = torch.zeros(T, feats, dtype=dtype, device=device)
+            for a, sel in groups:
+                y.index_copy_(0, sel, reference.dense_lora(x[sel], a_all[a], b_all[a], scale))
+            return y
+
+        def stacked_bmm():
+            h = torch.bmm(a_all[ids_long], x[:, :, None])
+            return torch.bmm(b_all[ids_long], h)[:, :, 0] * scale
+
+        with torch.no_grad():
+            y_ref = dense_loop()
+        ref_max = max(y_ref.float().abs().max().item(), 1e-30)
+        fns = [("dense_loop", dense_loop)]
+        for prov, op in list(providers.items()):
+            fns.append((prov, lambda op=op: op(x, ids, *pool_args)))
+        fns.append(("stacked_bmm", stacked_bmm))
+        loop_us = None
+        for prov, fn in fns:
+            row = {"op": "batched_fwd", "case": name, "provider": prov, "T": T, "adapters": k,
+                   "pool": n_pool, "layout": layout, "in_features": feats, "out_features": feats,
+                   "rank": rank, "sparsity": args.sparsity,
+                   "dtype": str(dtype).replace("torch.", ""), "distribution": "rademacher"}
+            try:
+                with torch.no_grad():
+                    y = fn()
+                    row["max_err_vs_dense_rel"] = \
+                        (y.float() - y_ref.float()).abs().max().item() / ref_max
+                    med, p20, p80 = timer(fn)
+                row.update(median_us=med, p20_us=p20, p80_us=p80)
+                if prov == "dense_loop":
+                    loop_us = med
+                elif loop_us:
+                    row["time_vs_dense_loop"] = med / loop_us
+                extra = (f" x{row['time_vs_dense_loop']:.2f} of the dense loop"
+                         if "time_vs_dense_loop" in row else "")
+                log(f"batched {name:7s} T={T:5d} adapters={k:3d} {prov:14s} {med:9.1f} us "
+                    f"[{p20:.1f}, {p80:.1f}] err {row['max_err_vs_dense_rel']:.1e}{extra}")
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                log(f"batched {name:7s} T={T:5d} adapters={k:3d} {prov:14s} ERROR {row['error']}")
+                if prov == "triton_batched":  # not written yet, or failing: stop asking
+                    providers.pop(prov, None)
+                    report["errors"].append(f"triton_batched dropped: {row['error']}")
+            add(row)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -165,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="stop starting new cases after this many seconds")
+    p.add_argument("--batched-budget-s", type=float, default=45.0,
+                   help="time budget of the batched rows (0 skips them)")
     p.add_argument("--build-seconds", type=float, default=None)
     p.add_argument("--build-failed", action="store_true")
     p.add_argument("--tests-rc", type=int, default=None)
@@ -318,10 +449,17 @@ def main(argv=None) -> int:
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                     log(f"T={T:5d} {op_name:7s} {prov:12s} ERROR {row['error']}")
                 add(row)
+    if args.batched_budget_s > 0:
+        try:
+            run_batched(args, report, device, dtype, feats, rank, add)
+        except Exception as e:  # keep the single-adapter rows whatever happens here
+            report["errors"].append(f"batched rows: {type(e).__name__}: {e}"[:500])
+            log(f"batched rows: ERROR {type(e).__name__}: {e}")
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(args.out, report)
     log(f"wrote {args.out} ({len(report['results'])} rows)")
-    failed = [r for r in report["results"] if "error" in r and r["provider"] != "triton"]
+    failed = [r for r in report["results"]
+              if "error" in r and r["provider"] not in ("triton", "triton_batched")]
     return 1 if failed else 0
 
 

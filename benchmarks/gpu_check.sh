@@ -8,6 +8,7 @@
 # Environment: PYTHON (interpreter with a CUDA torch; default: .venv/bin/python if it has one,
 # else python3), TORCH_CUDA_ARCH_LIST (default: the present GPU's capability), MAX_JOBS
 # (default: nproc), LORI_GPU_CHECK_TEST_TIMEOUT (seconds per test file, default 150),
+# LORI_GPU_CHECK_BATCHED_TIMEOUT (seconds for the batched CUDA tests, run on their own, default 120),
 # LORI_GPU_CHECK_SKIP_BUILD=1 (reuse an existing in-place build), LORI_GPU_CHECK_DRY_RUN=1
 # (rehearse every step on a machine without a GPU). When $OUT is set (the device
 # tool's output folder) the JSON and the logs are copied there too.
@@ -95,20 +96,33 @@ fi
 unset TRITON_INTERPRET
 : >"$test_log"
 tests_rc=0
-for t in tests/test_cuda.py tests/test_triton.py; do
+# "file|-k expression|timeout": the batched CUDA tests (test_cuda.py -k batched) run as their
+# own pytest so that a slow or hanging batched kernel cannot starve the others.
+for spec in "tests/test_cuda.py|not batched|${LORI_GPU_CHECK_TEST_TIMEOUT:-150}" \
+            "tests/test_cuda.py|batched|${LORI_GPU_CHECK_BATCHED_TIMEOUT:-120}" \
+            "tests/test_triton.py||${LORI_GPU_CHECK_TEST_TIMEOUT:-150}"; do
+  IFS='|' read -r t kexpr tmo <<<"$spec"
   [ -f "$t" ] || continue
-  say "tests: $t (timeout ${LORI_GPU_CHECK_TEST_TIMEOUT:-150}s; log: $test_log)"
-  echo "==== $t" >>"$test_log"
-  PYTHONUNBUFFERED=1 timeout "${LORI_GPU_CHECK_TEST_TIMEOUT:-150}" \
-    "$py" -m pytest -q -ra -p no:cacheprovider "$t" >>"$test_log" 2>&1
+  kargs=()
+  what=$t
+  if [ -n "$kexpr" ]; then
+    kargs=(-k "$kexpr")
+    what="$t -k '$kexpr'"
+  fi
+  say "tests: $what (timeout ${tmo}s; log: $test_log)"
+  echo "==== $what" >>"$test_log"
+  mark=$(wc -l <"$test_log")
+  PYTHONUNBUFFERED=1 timeout "$tmo" \
+    "$py" -m pytest -q -ra -p no:cacheprovider "$t" "${kargs[@]}" >>"$test_log" 2>&1
   rc=$?
-  grep -E "^(FAILED|ERROR)|passed|failed" "$test_log" | tail -12
+  [ "$rc" -eq 5 ] && rc=0  # -k selected nothing (e.g. no batched tests): not a failure
+  tail -n +"$((mark + 1))" "$test_log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
   if [ "$rc" -ne 0 ]; then
     [ "$tests_rc" -eq 0 ] && tests_rc=$rc
     status=1
-    say "tests: $t FAILED (rc=$rc; 124 = timed out)"
+    say "tests: $what FAILED (rc=$rc; 124 = timed out)"
   else
-    say "tests: $t passed"
+    say "tests: $what passed"
   fi
 done
 

@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include "lori/bitmask.h"
+#include "lori/philox.h"
 
 namespace lori {
 
@@ -83,6 +84,24 @@ void check_batched_out_like(const char* op, const char* name, const at::Tensor& 
   expect.back() = s.out_features;
   TORCH_CHECK_VALUE(t.sizes().vec() == expect, op, ": ", name, " must have shape ",
                     c10::IntArrayRef(expect), ", got ", t.sizes());
+}
+
+void check_batched_adapter(const char* op, int64_t a, int32_t offset0, int64_t nnz,
+                           int64_t value_start, int64_t num_values, int32_t dist) {
+  TORCH_CHECK_VALUE(offset0 == 0, op, ": offsets[", a, ", 0] must be 0, got ", offset0);
+  // Written so no sum can overflow: value_start + nnz could wrap past int64.
+  TORCH_CHECK_VALUE(value_start >= 0 && nnz >= 0 && nnz <= num_values &&
+                        value_start <= num_values - nnz,
+                    op, ": adapter ", a, "'s values [", value_start, ", ", value_start + nnz,
+                    ") do not lie within the values buffer (", num_values, " entries)");
+  TORCH_CHECK_VALUE(dist == kRademacher || dist == kUniform, op, ": distributions[", a, "] = ",
+                    dist, " is not 1 (rademacher) or 2 (uniform)");
+}
+
+void fail_batched_id(const char* op, int64_t t, int64_t id, int64_t n) {
+  TORCH_CHECK_VALUE(false, op, ": adapter_ids[", t, "] = ", id,
+                    " is out of range for a pool of ", n, " adapters (valid: -1 for none, 0..",
+                    n - 1, ")");
 }
 
 }  // namespace lori

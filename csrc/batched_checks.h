@@ -28,4 +28,14 @@ BatchedShape check_batched_args(const char* op, const at::Tensor& x, const at::T
 void check_batched_out_like(const char* op, const char* name, const at::Tensor& t,
                             const at::Tensor& x, const BatchedShape& s);
 
+// One used adapter's metadata, read from the pool's tensors (shared by the CPU and CUDA
+// backends so both raise the same errors, in this order): offsets[a, 0] == 0, its value
+// extent [value_start, value_start + nnz) within [0, num_values) (nnz = offsets[a, C]), and
+// distribution 1 or 2. Overflow-safe.
+void check_batched_adapter(const char* op, int64_t adapter, int32_t offset0, int64_t nnz,
+                           int64_t value_start, int64_t num_values, int32_t distribution);
+
+// The error for adapter_ids[t] = id outside [-1, adapters).
+[[noreturn]] void fail_batched_id(const char* op, int64_t t, int64_t id, int64_t adapters);
+
 }  // namespace lori

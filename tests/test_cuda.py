@@ -1,11 +1,13 @@
 """CUDA backend (csrc/cuda): bit-identical A, sparse_delta and its gradients within the tolerance
-rule, merge_delta_, opcheck, and the host-side argument checks.
+rule, merge_delta_, batched_sparse_delta (forward, gradients, validation), opcheck, and the
+host-side argument checks.
 
 Everything that launches a kernel is skipped without a GPU; the registration test runs on any
 machine whose build compiled the CUDA sources.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -14,12 +16,14 @@ import torch
 import lori_kernels  # noqa: F401  (registers torch.ops.lori)
 from lori_kernels import reference, spec
 from lori_kernels.packing import pack_bitmask
+from lori_kernels.testing import random_packed, tolerance_bound
 
 ops = torch.ops.lori
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
-CUDA_OPS = ("_random_a_fill", "philox4x32_10", "sparse_delta", "sparse_delta_backward",
-            "merge_delta_")
+CUDA_OPS = ("_random_a_fill", "philox4x32_10", "sparse_delta", "sparse_delta_fwd",
+            "sparse_delta_backward", "merge_delta_", "batched_sparse_delta",
+            "batched_sparse_delta_backward")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SEED = 0x9E3779B97F4A7C15  # high bit set: exercises the uint64 seed path
 
@@ -225,6 +229,40 @@ def test_sparse_delta_backward(dtype, T, shape):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("T", [0, 1, 7, 513])
+def test_sparse_delta_fwd_returns_h_and_backward_reuses_it(dtype, T):
+    """sparse_delta_fwd: y as sparse_delta (within the rule), h = x @ A^T in fp32 (fp64 for
+    float64); the backward given h matches the one that recomputes it."""
+    in_f, out_f, rank = 341, 200, 40
+    packed, b = make_b(out_f, rank, "sparse", dtype, "cuda", gen_seed=T + 1)
+    x = torch.randn(T, in_f, device="cuda").to(dtype)
+    args = (x, packed.mask, packed.values, packed.offsets, rank, _seed_arg(SEED), "uniform", 0.5)
+    y, h = ops.sparse_delta_fwd(*args)
+    hdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.shape == (T, out_f) and y.dtype == dtype
+    assert h.shape == (T, rank) and h.dtype == hdt and h.is_cuda
+    if T == 0:
+        return
+    a = _ref_a(SEED, rank, in_f, "uniform").cuda()
+    ok, msg = tol_ok(y, (x.double() @ a.double().T) @ b.double().T * 0.5,
+                     reference.dense_lora(x, a.to(dtype), b, 0.5))
+    assert ok, msg
+    h_ref = x.double() @ a.double().T
+    err = (h.double() - h_ref).abs().max().item()
+    assert err <= 1e-4 * max(h_ref.abs().max().item(), 1.0), err  # fp32 accumulation of exact products
+    gy = torch.randn(T, out_f, device="cuda").to(dtype)
+    bargs = (gy, *args, True, True)
+    gx0, gv0 = ops.sparse_delta_backward(*bargs)
+    gx1, gv1 = ops.sparse_delta_backward(*bargs, h)
+    assert torch.equal(gx0, gx1)
+    torch.testing.assert_close(gv1, gv0)
+    with pytest.raises(ValueError, match="h must be"):
+        ops.sparse_delta_backward(*bargs, h[:, :-1])
+    torch.library.opcheck(ops.sparse_delta_fwd.default, args)
+
+
+@needs_cuda
 def test_backward_empty_batch_and_zero_mask():
     packed, _ = make_b(70, 33, "zero", torch.float32, "cuda")
     x = torch.randn(0, 100, device="cuda")
@@ -367,3 +405,430 @@ def test_corrupt_b_never_reads_out_of_bounds():
         w = torch.zeros(200, 128, device="cuda")
         ops.merge_delta_(w, mask, packed.values, packed.offsets, 40, 1, "rademacher", 1.0)
     torch.cuda.synchronize()  # an illegal access would surface here
+
+
+# ---- batched_sparse_delta (many adapters of one pool per batch) -------------------------------------
+# Every case runs the CUDA op against the float64 reference (tolerance rule: plain torch in the
+# same dtype on the GPU is the yardstick) and against the CPU op on the same pool and tokens.
+
+B_IN, B_OUT, B_RANK = 256, 320, 32
+B_DISTS = ["rademacher", "uniform"]
+
+
+def _bpool(n, inp, out, rank, dtype, seed, device):
+    """n adapters differing in sparsity, seed, distribution and scale (as tests/test_batched.py)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = lori_kernels.AdapterPool(inp, out, rank, dtype=dtype)
+    for i in range(n):
+        b = random_packed(out, rank, density=0.03 + 0.2 * (i % 5) / 4, generator=g, dtype=dtype)
+        pool.add(f"a{i}", b, seed=1000 * seed + 17 * i + 3, distribution=B_DISTS[i % 2],
+                 scale=0.25 + 0.5 * (i % 3))
+    return pool.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _bpools(n, inp=B_IN, out=B_OUT, rank=B_RANK, dtype=torch.float32, seed=1):
+    """(CPU pool, CUDA pool) with the same adapters. Treat as read-only."""
+    cpu = _bpool(n, inp, out, rank, dtype, seed, "cpu")
+    return cpu, copy.deepcopy(cpu).to("cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _bref_a(seed: int, rank: int, in_features: int, distribution: str) -> torch.Tensor:
+    """A in fp32 from the C++ CPU kernel: bit-identical to reference.random_a (test_spec.py and
+    test_random_a_bit_identical check it) and ~300x faster at 32 x 4096."""
+    return lori_kernels.random_a(seed, rank, in_features, distribution=distribution)
+
+
+def _mix_ids(mix, T, n, idle, g):
+    if mix == "distinct":
+        ids = torch.randperm(max(T, n), generator=g)[:T] % n
+    elif mix == "uniform8":
+        ids = torch.randint(0, min(8, n), (T,), generator=g)
+    elif mix == "zipf64":
+        p = 1.0 / torch.arange(1, min(64, n) + 1, dtype=torch.float64) ** 1.5
+        ids = (torch.multinomial(p, T, replacement=True, generator=g) if T
+               else torch.zeros(0, dtype=torch.long))
+    else:  # identical
+        ids = torch.full((T,), n // 2, dtype=torch.long)
+    if idle and T:
+        ids = torch.where(torch.rand(T, generator=g) < 0.2, -1, ids)
+    return ids
+
+
+def _bargs(pool, x, ids, values=None):
+    masks, vals, starts, offsets, seeds, scales, dists, rank = pool.op_args()
+    return (x, ids, masks, vals if values is None else values, starts, offsets, seeds, scales,
+            dists, rank)
+
+
+def _bref(x, ids, pool_cpu):
+    """(float64 reference on the CPU, plain torch in x's dtype on x's device), per token."""
+    T, dev = x.shape[0], x.device
+    ids = ids.cpu()
+    ref = torch.zeros(T, pool_cpu.out_features, dtype=torch.float64)
+    base = torch.zeros(T, pool_cpu.out_features, dtype=x.dtype, device=dev)
+    xc = x.cpu()
+    for a in ids.unique().tolist():
+        if a < 0:
+            continue
+        e = pool_cpu.get(pool_cpu._names[a])
+        sel = (ids == a).nonzero().flatten()
+        a32 = _bref_a(e.seed, pool_cpu.rank, x.shape[-1], e.distribution)
+        bd = e.packed.to_dense()
+        ref[sel] = (xc[sel].double() @ a32.double().T) @ bd.double().T * e.scale
+        base[sel.to(dev)] = reference.dense_lora(x[sel.to(dev)], a32.to(dev, x.dtype),
+                                                 bd.to(dev, x.dtype), e.scale)
+    return ref, base
+
+
+def _bcheck(y, x, ids, pools, what=""):
+    """y (CUDA) within the tolerance rule of the float64 reference and of the CPU op."""
+    pool_cpu, _ = pools
+    assert y.is_cuda and y.dtype == x.dtype
+    assert y.shape == (*x.shape[:-1], pool_cpu.out_features), what
+    if y.numel() == 0:
+        return
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    ref, base = _bref(x2, ids, pool_cpu)
+    bound = tolerance_bound(ref, base)
+    err = (y2.double().cpu() - ref).abs().max().item()
+    assert err <= bound, f"{what}: error vs float64 {err:.3e} > bound {bound:.3e}"
+    y_cpu = torch.ops.lori.batched_sparse_delta(*_bargs(pool_cpu, x2.cpu(), ids.cpu()))
+    diff = (y2.cpu().double() - y_cpu.double()).abs().max().item()
+    assert diff <= bound, f"{what}: differs from the CPU op by {diff:.3e} > {bound:.3e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [0, 1, 7, 513])
+@pytest.mark.parametrize("idle", [False, True])
+@pytest.mark.parametrize("mix", ["distinct", "uniform8", "zipf64", "identical"])
+def test_batched_forward_mixes(mix, idle, T, dtype):
+    pools = _bpools(64, dtype=dtype)
+    g = torch.Generator().manual_seed(T * 7 + len(mix))
+    ids = _mix_ids(mix, T, 64, idle, g).to(torch.int32)
+    x = torch.randn(T, B_IN, generator=g).to(dtype).cuda()
+    y = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x, ids.cuda()))
+    _bcheck(y, x, ids, pools, f"{mix} idle={idle} T={T}")
+    if idle and T:
+        assert torch.count_nonzero(y[ids.cuda() < 0]) == 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(300, 200, 40), (70, 130, 256), (1100, 1100, 33), (45, 70, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("T", [1, 16, 17, 300])
+def test_batched_shapes_and_tiles(shape, T):
+    """Odd shapes, ranks over two mask words and > 128 (small tiles), one-token segments and
+    segments longer than a tile, contiguous runs and interleaved tokens."""
+    inp, out, rank = shape
+    pools = _bpools(6, inp, out, rank, torch.float32, seed=2)
+    g = torch.Generator().manual_seed(T + rank)
+    runs = torch.arange(6).repeat_interleave((T + 5) // 6)[:T]
+    for ids in (runs, runs[torch.randperm(T, generator=g)]):
+        x = torch.randn(T, inp, generator=g).cuda()
+        y = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x, ids.cuda()))
+        _bcheck(y, x, ids, pools, f"{shape} T={T}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,k", [(64, 1), (64, 8), (64, 64), (513, 8)])
+def test_batched_full_size_bf16(T, k):
+    """in = out = 4096, rank 32 (the benchmark shape), decode over 1/8/64 adapters and prefill."""
+    pools = _bpools(64, 4096, 4096, 32, torch.bfloat16, seed=3)
+    g = torch.Generator().manual_seed(T + k)
+    ids = torch.randperm(T, generator=g) % k
+    x = torch.randn(T, 4096, generator=g).bfloat16().cuda()
+    y = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x, ids.cuda()))
+    _bcheck(y, x, ids, pools, f"T={T} k={k}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_batched_accumulate_3d_noncontiguous(dtype):
+    pools = _bpools(5, dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(2, 6, 2 * B_IN, generator=g).to(dtype).cuda()
+    x = big[..., ::2]  # (2, 6, IN), non-contiguous
+    ids_big = torch.tensor([0, 9, 1, 9, -1, 9, 4, 9, 4, 9, 2, 9, 3, 9, -1, 9, 0, 9, 0, 9, 1, 9, 2, 9])
+    ids = ids_big[::2].cuda()
+    base = torch.randn(2, 6, B_OUT, generator=g).to(dtype).cuda()
+    y = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x, ids), base)
+    delta = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x, ids))
+    assert y.shape == (2, 6, B_OUT) and delta.shape == (2, 6, B_OUT)
+    assert torch.equal(delta, torch.ops.lori.batched_sparse_delta(
+        *_bargs(pools[1], x.contiguous(), ids.contiguous())))
+    _bcheck(delta, x, ids.cpu(), pools)
+    idle = ids.reshape(-1) < 0
+    assert torch.equal(y.reshape(-1, B_OUT)[idle], base.reshape(-1, B_OUT)[idle])
+    assert torch.count_nonzero(delta.reshape(-1, B_OUT)[idle]) == 0
+    # base + delta rounded once: within one ulp of the exact sum (+ the delta's own error)
+    ref, plain = _bref(x.reshape(-1, B_IN), ids.cpu(), pools[0])
+    exact = base.reshape(-1, B_OUT).double().cpu() + ref
+    err = (y.reshape(-1, B_OUT).double().cpu() - exact).abs()
+    slack = tolerance_bound(ref, plain)
+    assert (err <= exact.abs() * torch.finfo(dtype).eps + slack).all()
+
+
+@needs_cuda
+def test_batched_float64_tight():
+    pools = _bpools(4, 50, 70, 9, torch.float64, seed=6)
+    ids = torch.tensor([3, 0, -1, 3, 1, 2, 2, 0])
+    x = torch.randn(8, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x.cuda(), ids.cuda()))
+    ref, _ = _bref(x, ids, pools[0])
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_cuda
+def test_batched_deterministic_and_unvalidated_path(monkeypatch):
+    """Repeat calls are bitwise equal; LORI_BATCHED_VALIDATE=0 (no sync; grids sized by the tile
+    bound, so the split-K slicing may differ) stays within the rule."""
+    pools = _bpools(64, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(8)
+    ids = _mix_ids("zipf64", 300, 64, True, g).cuda()
+    x = torch.randn(300, B_IN, generator=g).bfloat16().cuda()
+    gy = torch.randn(300, B_OUT, generator=g).bfloat16().cuda()
+    args = _bargs(pools[1], x, ids)
+    y1 = torch.ops.lori.batched_sparse_delta(*args)
+    g1 = torch.ops.lori.batched_sparse_delta_backward(gy, *args, True, True)
+    assert torch.equal(y1, torch.ops.lori.batched_sparse_delta(*args))
+    assert all(torch.equal(a, b) for a, b in
+               zip(g1, torch.ops.lori.batched_sparse_delta_backward(gy, *args, True, True)))
+    monkeypatch.setenv("LORI_BATCHED_VALIDATE", "0")
+    _bcheck(torch.ops.lori.batched_sparse_delta(*args), x, ids.cpu(), pools, "unvalidated")
+    g2 = torch.ops.lori.batched_sparse_delta_backward(gy, *args, True, True)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def _bgrad_refs(x, ids, pool_cpu, gy):
+    """(grad_x, grad_values) of the float64 reference (CPU autograd) and of plain torch in x's
+    dtype on x's device, for y[t] = scale_a (x[t] A_a^T) B_a^T."""
+    out = {}
+    ids = ids.cpu()
+    for kind, dev, dt in (("ref", torch.device("cpu"), torch.float64),
+                          ("plain", x.device, x.dtype)):
+        xx = x.detach().to(dev, dt).requires_grad_()
+        vv = pool_cpu.values.detach().to(dev, dt).requires_grad_()
+        y = torch.zeros(x.shape[0], pool_cpu.out_features, dtype=dt, device=dev)
+        for a in ids.unique().tolist():
+            if a < 0:
+                continue
+            e = pool_cpu.get(pool_cpu._names[a])
+            sel = (ids == a).nonzero().flatten().to(dev)
+            start, nnz = int(pool_cpu.value_starts[a]), e.packed.nnz
+            d = torch.zeros(pool_cpu.out_features, pool_cpu.rank, dtype=dt, device=dev)
+            d = d.masked_scatter(e.packed.bool_mask().to(dev), vv[start:start + nnz])
+            a_ = _bref_a(e.seed, pool_cpu.rank, x.shape[-1], e.distribution).to(dev, dt)
+            y = y.index_add(0, sel, reference.dense_lora(xx[sel], a_, d, e.scale))
+        y.backward(gy.to(dev, dt))
+        out[kind] = (xx.grad, vv.grad)
+    return out["ref"], out["plain"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 513])
+@pytest.mark.parametrize("mix", ["distinct", "uniform8", "identical"])
+def test_batched_backward(mix, T, dtype):
+    """grad_x and the grad of every used adapter's values vs float64 autograd (the rule) and the
+    CPU op; unused adapters and -1 tokens get exactly 0."""
+    n = 12
+    pools = _bpools(n, dtype=dtype, seed=9)
+    g = torch.Generator().manual_seed(T + len(mix))
+    ids = _mix_ids(mix, T, n, True, g)
+    x = torch.randn(T, B_IN, generator=g).to(dtype)
+    gy = torch.randn(T, B_OUT, generator=g).to(dtype)
+    gx, gv = torch.ops.lori.batched_sparse_delta_backward(
+        gy.cuda(), *_bargs(pools[1], x.cuda(), ids.cuda()), True, True)
+    gx_cpu, gv_cpu = torch.ops.lori.batched_sparse_delta_backward(
+        gy, *_bargs(pools[0], x, ids), True, True)
+    (rx, rv), (px, pv) = _bgrad_refs(x.cuda(), ids, pools[0], gy.cuda())
+    for got, cpu, r, p, what in ((gx, gx_cpu, rx, px, "grad_x"), (gv, gv_cpu, rv, pv, "grad_values")):
+        assert got.shape == cpu.shape and got.dtype == dtype, what
+        bound = tolerance_bound(r, p)
+        err = (got.double().cpu() - r).abs().max().item()
+        assert err <= bound, f"{what}: {err:.3e} > {bound:.3e}"
+        diff = (got.double().cpu() - cpu.double()).abs().max().item()
+        assert diff <= bound, f"{what} vs CPU op: {diff:.3e} > {bound:.3e}"
+    used = set(ids.tolist())
+    for a in range(n):
+        if a not in used:
+            s, k = int(pools[0].value_starts[a]), pools[0].get(f"a{a}").packed.nnz
+            assert torch.count_nonzero(gv[s:s + k]) == 0
+    assert torch.count_nonzero(gx[ids.cuda() < 0]) == 0
+
+
+@needs_cuda
+def test_batched_autograd_flags_and_empty():
+    pools = _bpools(3, seed=10)
+    pool = pools[1]
+    ids = torch.tensor([0, 2, 1, -1], device="cuda")
+    x = torch.randn(4, B_IN, device="cuda", requires_grad=True)
+    v = pool.values.detach().clone().requires_grad_()
+    base = torch.randn(4, B_OUT, device="cuda", requires_grad=True)
+    y = torch.ops.lori.batched_sparse_delta(*_bargs(pool, x, ids, v), base)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert torch.equal(base.grad, gy)
+    gx, gv = torch.ops.lori.batched_sparse_delta_backward(gy, *_bargs(pool, x.detach(), ids),
+                                                          True, True)
+    assert torch.equal(x.grad, gx) and torch.equal(v.grad, gv)
+    args = (gy, *_bargs(pool, x.detach(), ids))
+    gx, gv = torch.ops.lori.batched_sparse_delta_backward(*args, True, False)
+    assert gx.shape == x.shape and gv.numel() == 0
+    gx, gv = torch.ops.lori.batched_sparse_delta_backward(*args, False, True)
+    assert gx.numel() == 0 and gv.shape == pool.values.shape
+    # T = 0, and a batch with no adapter at all
+    x0 = torch.randn(0, B_IN, device="cuda")
+    ids0 = torch.zeros(0, dtype=torch.int32, device="cuda")
+    assert torch.ops.lori.batched_sparse_delta(*_bargs(pool, x0, ids0)).shape == (0, B_OUT)
+    gx, gv = torch.ops.lori.batched_sparse_delta_backward(
+        torch.randn(0, B_OUT, device="cuda"), *_bargs(pool, x0, ids0), True, True)
+    assert gx.shape == (0, B_IN) and torch.count_nonzero(gv) == 0
+    none = torch.full((4,), -1, device="cuda")
+    assert torch.count_nonzero(torch.ops.lori.batched_sparse_delta(*_bargs(pool, x.detach(), none))) == 0
+    gx, gv = torch.ops.lori.batched_sparse_delta_backward(gy, *_bargs(pool, x.detach(), none),
+                                                          True, True)
+    assert torch.count_nonzero(gx) == 0 and torch.count_nonzero(gv) == 0
+
+
+@needs_cuda
+def test_batched_gradcheck_float64():
+    pools = _bpools(3, 13, 66, 5, torch.float64, seed=11)
+    masks, values, starts, offsets, seeds, scales, dists, rank = pools[1].op_args()
+    ids = torch.tensor([2, 0, -1, 2, 1, 0, 2], device="cuda")
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(7, 13, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    v = values.detach().clone().requires_grad_()
+    base = torch.randn(7, 66, generator=g, dtype=torch.float64).cuda()
+    assert torch.autograd.gradcheck(
+        lambda x_, v_: torch.ops.lori.batched_sparse_delta(
+            x_, ids, masks, v_, starts, offsets, seeds, scales, dists, rank, base), (x, v))
+
+
+@needs_cuda
+def test_batched_shared_value_ranges_sum_their_gradients():
+    b = random_packed(40, 8, generator=torch.Generator().manual_seed(1)).to("cuda")
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2)).cuda()
+    ids = torch.tensor([0, 1, 0, 1], dtype=torch.int32, device="cuda")
+    v = b.values.clone().requires_grad_()
+    dev = dict(device="cuda")
+    y = torch.ops.lori.batched_sparse_delta(
+        x, ids, torch.stack([b.mask, b.mask]), v, torch.tensor([0, 0], **dev),
+        torch.stack([b.offsets, b.offsets]), torch.tensor([3, 3], **dev),
+        torch.tensor([1.0, 1.0], **dev), torch.tensor([1, 1], dtype=torch.int32, **dev), 8)
+    y.sum().backward()
+    v2 = b.values.clone().requires_grad_()
+    ops.sparse_delta(x, b.mask, v2, b.offsets, 8, 3, "rademacher", 1.0).sum().backward()
+    torch.testing.assert_close(v.grad, v2.grad)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_opcheck_cuda(dtype):
+    pools = _bpools(4, 45, 70, 33, dtype, seed=13)
+    pool = pools[1]
+    g = torch.Generator().manual_seed(14)
+    for ids in (torch.tensor([1, -1, 3, 1, 0]), torch.tensor([2] * 20 + [-1, 0])):
+        T = ids.numel()
+        x = torch.randn(T, 45, generator=g).to(dtype).cuda()
+        args = _bargs(pool, x, ids.cuda())
+        torch.library.opcheck(ops.batched_sparse_delta.default, args)
+        base = torch.randn(T, 70, generator=g).to(dtype).cuda()
+        torch.library.opcheck(ops.batched_sparse_delta.default, (*args, base))
+        gy = torch.randn(T, 70, generator=g).to(dtype).cuda()
+        torch.library.opcheck(ops.batched_sparse_delta_backward.default, (gy, *args, True, True))
+    xg = torch.randn(5, 45, generator=g).to(dtype).cuda().requires_grad_()
+    vg = pool.values.clone().requires_grad_()
+    torch.library.opcheck(ops.batched_sparse_delta.default,
+                          _bargs(pool, xg, torch.tensor([0, 1, 2, 3, -1], device="cuda"), vg))
+
+
+def _bad_args(T=4):
+    pool = _bpools(3, seed=15)[1]
+    x = torch.randn(T, B_IN, generator=torch.Generator().manual_seed(0)).cuda()
+    return list(_bargs(pool, x, torch.zeros(T, dtype=torch.int32, device="cuda")))
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad_id", [4, 1000, -2])
+def test_batched_adapter_id_out_of_range(bad_id):
+    a = _bad_args()  # a pool of capacity 4: ids 0..3 are slots (3 is empty, so valid)
+    a[1] = torch.tensor([0, bad_id, 1, 2], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=f"adapter_ids\\[1\\] = {bad_id} is out of range"):
+        torch.ops.lori.batched_sparse_delta(*a)
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.lori.batched_sparse_delta_backward(torch.ones(4, B_OUT, device="cuda"), *a,
+                                                     True, True)
+    a[1] = a[1].long()
+    with pytest.raises(ValueError, match=f"adapter_ids\\[1\\] = {bad_id} is out of range"):
+        torch.ops.lori.batched_sparse_delta(*a)
+
+
+def _mut(i, fn):
+    return lambda a: a.__setitem__(i, fn(a[i]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mutate,exc,msg", [
+    (_mut(1, lambda t: t.float()), TypeError, "adapter_ids must be int32 or int64"),
+    (_mut(1, lambda t: t[:-1]), ValueError, "adapter_ids must have shape"),
+    (_mut(2, lambda t: t[:, :, :0]), ValueError, "masks must have shape"),
+    (_mut(3, lambda t: t.double()), TypeError, "values dtype"),
+    (_mut(4, lambda t: t[:-1]), ValueError, "value_starts must have shape"),
+    (_mut(5, lambda t: t[:, :-1]), ValueError, "offsets must have shape"),
+    (_mut(7, lambda t: t.double()), TypeError, "scales must be"),
+    (_mut(8, lambda t: t + 5), ValueError, "distributions\\[0\\] = 6"),
+    (_mut(9, lambda r: 64), ValueError, "masks must have shape"),
+    (_mut(4, lambda t: t + 10**6), ValueError, "do not lie within the values buffer"),
+    (_mut(4, lambda t: t - 1), ValueError, "do not lie within the values buffer"),
+    (_mut(5, lambda t: t + 1), ValueError, "offsets\\[0, 0\\] must be 0"),
+    (_mut(2, lambda t: t.cpu()), RuntimeError, "masks is on cpu but x is on cuda"),
+    (_mut(1, lambda t: t.cpu()), RuntimeError, "adapter_ids is on cpu but x is on cuda"),
+])
+def test_batched_bad_arguments_raise_clear_errors(mutate, exc, msg):
+    a = _bad_args()
+    mutate(a)
+    with pytest.raises(exc, match=msg):
+        torch.ops.lori.batched_sparse_delta(*a)
+
+
+@needs_cuda
+def test_batched_unvalidated_input_never_reads_out_of_bounds(monkeypatch):
+    """With validation off, bad ids act as -1 and corrupt extents/offsets/masks are clamped: wrong
+    numbers at worst, never an illegal access (which would surface at the synchronize)."""
+    monkeypatch.setenv("LORI_BATCHED_VALIDATE", "0")
+    pool = _bpools(3, seed=16)[1]
+    masks, values, starts, offsets, seeds, scales, dists, rank = pool.op_args()
+    x = torch.randn(33, B_IN, device="cuda")
+    gy = torch.randn(33, B_OUT, device="cuda")
+    ids = torch.tensor([0, 1, 2, 3, -5, 2**31 - 1, -2**31] * 4 + [1] * 5, dtype=torch.int32,
+                       device="cuda")
+    y = torch.ops.lori.batched_sparse_delta(x, ids, masks, values, starts, offsets, seeds, scales,
+                                            dists, rank)
+    bad = (ids < 0) | (ids >= 3)
+    assert torch.count_nonzero(y[bad]) == 0
+    gx, _ = torch.ops.lori.batched_sparse_delta_backward(gy, x, ids, masks, values, starts,
+                                                         offsets, seeds, scales, dists, rank,
+                                                         True, True)
+    assert torch.count_nonzero(gx[bad]) == 0
+    corrupt = [
+        (masks, values, starts + 10**9, offsets, dists),
+        (masks, values, starts - 10**9, offsets, dists),
+        (masks, values, starts, offsets * 1000, dists),
+        (masks, values, starts, -offsets.abs() - 5, dists),
+        (masks, values, starts, torch.full_like(offsets, 2**31 - 1), dists),
+        (torch.full_like(masks, -1), values, starts, offsets, dists),
+        (masks, values[:0], starts, offsets, dists),
+        (masks, values, starts, offsets, dists + 7),
+    ]
+    for m, v, s, o, d in corrupt:
+        torch.ops.lori.batched_sparse_delta(x, ids, m, v, s, o, seeds, scales, d, rank)
+        torch.ops.lori.batched_sparse_delta(x, ids, m, v, s, o, seeds, scales, d, rank,
+                                            torch.zeros(33, B_OUT, device="cuda"))
+        torch.ops.lori.batched_sparse_delta_backward(gy, x, ids, m, v, s, o, seeds, scales, d,
+                                                     rank, True, True)
+    torch.cuda.synchronize()

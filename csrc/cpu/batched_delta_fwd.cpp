@@ -38,9 +38,7 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
   const int64_t T = s.tokens, N = s.adapters;
   std::vector<int64_t> count(static_cast<size_t>(N) + 1, 0);  // [0] counts id -1
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK_VALUE(id[t] >= -1 && id[t] < N, op, ": adapter_ids[", t, "] = ", id[t],
-                      " is out of range for a pool of ", N, " adapters (valid: -1 for none, 0..",
-                      N - 1, ")");
+    if (id[t] < -1 || id[t] >= N) fail_batched_id(op, t, id[t], N);
     ++count[id[t] + 1];
   }
   Grouping g;
@@ -66,16 +64,8 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
     const int32_t* o = offp + a * (s.chunks + 1);
     seg.value_start = vsp[a];
     seg.nnz = o[s.chunks];
-    TORCH_CHECK_VALUE(o[0] == 0, op, ": offsets[", a, ", 0] must be 0, got ", o[0]);
-    // Written so no sum can overflow: value_start + nnz could wrap past int64.
-    TORCH_CHECK_VALUE(seg.value_start >= 0 && seg.nnz >= 0 && seg.nnz <= num_values &&
-                          seg.value_start <= num_values - seg.nnz,
-                      op, ": adapter ", a, "'s values [", seg.value_start, ", ",
-                      seg.value_start + seg.nnz, ") do not lie within the values buffer (",
-                      num_values, " entries)");
+    check_batched_adapter(op, a, o[0], seg.nnz, seg.value_start, num_values, dip[a]);
     const int dist = dip[a];
-    TORCH_CHECK_VALUE(dist == kRademacher || dist == kUniform, op, ": distributions[", a,
-                      "] = ", dist, " is not 1 (rademacher) or 2 (uniform)");
     const uint64_t useed = static_cast<uint64_t>(sdp[a]);
     seg.gen.k0 = static_cast<uint32_t>(useed);
     seg.gen.k1 = static_cast<uint32_t>(useed >> 32);

@@ -246,6 +246,56 @@ __device__ __forceinline__ void sum_partials(const acc_t* __restrict__ partial, 
   for (int e = ne + tid; e < TT * rank; e += blockDim.x) hs[e] = acc_t(0);
 }
 
+// ---- batched multi-adapter helpers (kernels.cuh: BatchedPool, TilePlan) ----------------------
+struct Tile {
+  int64_t group;  // adapter, or >= N for the "no adapter" group
+  int64_t start;  // sorted position of the tile's first token
+  int len;        // tokens in the tile, clamped to [0, TT]
+  int seg_tiles;  // > 0 on a group's first tile: the group's tile count
+};
+
+// Tile i of the plan, or len 0 (nothing to do) past the tile count. Block-uniform.
+__device__ __forceinline__ Tile load_tile(const TilePlan& plan, int64_t i, int TT) {
+  Tile t{0, 0, 0, 0};
+  if (i >= plan.max_tiles || i >= plan.tiles[4 * plan.max_tiles]) return t;
+  const int64_t* r = plan.tiles + 4 * i;
+  const int64_t len = r[2];
+  t.group = r[0];
+  t.start = r[1];
+  t.len = len < 0 ? 0 : (len > TT ? TT : static_cast<int>(len));
+  t.seg_tiles = static_cast<int>(r[3]);
+  return t;
+}
+
+// Adapter a's B (0 <= a < N), its values extent clamped into the buffer: *vstart in
+// [0, num_values] and nnz in [0, num_values - *vstart], so chunk_range keeps every value index
+// of the adapter inside `values`.
+__device__ __forceinline__ BMask adapter_bmask(const BatchedPool& p, int64_t a, int64_t* vstart) {
+  int64_t vs = p.value_starts[a];
+  vs = vs < 0 ? 0 : (vs > p.num_values ? p.num_values : vs);
+  int64_t nnz = p.offsets[a * (p.chunks + 1) + p.chunks];
+  nnz = nnz < 0 ? 0 : (nnz > p.num_values - vs ? p.num_values - vs : nnz);
+  *vstart = vs;
+  return BMask{p.masks + a * p.out * p.words, p.offsets + a * (p.chunks + 1), p.out, nnz,
+               p.words, p.rank};
+}
+
+__device__ __forceinline__ AGen adapter_agen(const BatchedPool& p, int64_t a) {
+  const uint64_t seed = static_cast<uint64_t>(p.seeds[a]);
+  const bool uniform = p.dists[a] == kUniform;
+  return AGen{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+              uniform ? static_cast<int>(kUniform) : static_cast<int>(kRademacher),
+              uniform ? p.mag_uniform : p.mag_rademacher};
+}
+
+// toks[t] = perm[tile.start + t] for t < tile.len. Threads < TT; caller syncs before use.
+template <int TT>
+__device__ __forceinline__ void load_tile_tokens(const TilePlan& plan, const Tile& tl,
+                                                 int64_t* toks) {
+  const int t = threadIdx.x;
+  if (t < TT) toks[t] = t < tl.len ? plan.perm[tl.start + t] : 0;
+}
+
 // Kernels whose dynamic shared memory (a (tokens, rank) tile) can pass the default 48 KB
 // budget together with their static buffers: raise the limit for this launch's size.
 template <typename Kernel>

@@ -119,6 +119,98 @@ bool launch_grad_values_mma(const scalar_t* gy, const float* h, int64_t T, const
                             int splits, int64_t tokens_per_split, double scale, float* gb_partial,
                             scalar_t* grad_values, cudaStream_t stream);
 
+// ---- batched multi-adapter ops (batched_delta_fwd.cu / batched_delta_bwd.cu) -------------------
+// A pool of N adapters sharing (rank, in, out): per-adapter metadata is read on the device, so
+// nothing about the batch needs to reach the host. Untrusted: the kernels read adapter a's
+// rows only for 0 <= a < N, clamp value_starts[a] into [0, num_values] and the adapter's
+// nnz (offsets[a, C]) into [0, num_values - value_start], and treat a distribution other than
+// 2 as Rademacher: corrupt metadata gives wrong numbers, never an out-of-bounds access.
+struct BatchedPool {
+  const uint32_t* masks;        // (N, out, words)
+  const int32_t* offsets;       // (N, chunks + 1), relative to the adapter's value start
+  const int64_t* value_starts;  // (N,)
+  const int64_t* seeds;         // (N,)
+  const float* scales;          // (N,)
+  const int32_t* dists;         // (N,)
+  int64_t adapters, out, chunks, num_values;
+  int words, rank;
+  float mag_rademacher, mag_uniform;  // a_magnitude(dist, in_features)
+};
+
+// Tokens grouped by adapter (vLLM lora_shrink / punica SGMV style). keys[t] = adapter_ids[t]
+// when it is in [0, N), else N (the "no adapter" group: -1 and, unvalidated, out-of-range
+// ids); perm = a stable argsort of keys, so a group's tokens are perm[start, start + len).
+// Each group is cut into tiles of at most `tile` tokens; tile i is the int64 row
+// tiles[4 i .. 4 i + 3] = (group, start, len, seg_tiles) with seg_tiles = the number of tiles
+// of its group on the group's first tile and 0 on the others; tiles[4 max_tiles] = the number
+// of tiles. A grid over tiles uses blockIdx.x = tile; blocks past the count exit.
+// max_tiles = ceil(T / tile) + min(T, N + 1) bounds the count, so every token is in a tile.
+struct TilePlan {
+  const int64_t* perm;   // (T,) sorted position -> token
+  const int64_t* tiles;  // (4 max_tiles + 1,)
+  int64_t max_tiles;
+  int tile;
+};
+
+inline int64_t plan_max_tiles(int64_t T, int64_t adapters, int tile) {
+  const int64_t groups = adapters + 1 < T ? adapters + 1 : T;
+  return (T + tile - 1) / tile + groups;
+}
+
+// keys (T,) from ids (int32 when !ids64, else int64). When bad != nullptr (validation), also
+// atomicMin's bad[0] with the first token whose id lies outside [-1, N) and bad[1] with the
+// first adapter used by some token whose metadata fails check_batched_adapter's rules
+// (bad[0], bad[1] start at ULLONG_MAX).
+void launch_batched_keys(const void* ids, bool ids64, int64_t T, const BatchedPool& p,
+                         int64_t* keys, unsigned long long* bad, cudaStream_t stream);
+
+// Builds the tile list from the sorted keys (one block). When count_out != nullptr the tile
+// count is also written there (the host reads it with the validation flags in one copy).
+void launch_batched_plan(const int64_t* sorted_keys, int64_t T, int64_t adapters, int tile,
+                         int64_t max_tiles, int64_t* tiles, int64_t* count_out,
+                         cudaStream_t stream);
+
+// partial[s, q, r] = sum_{j in slice s} x[perm[q], j] * A_a[r, j] for every sorted position q
+// of a token with an adapter a (other rows are not written). grid_tiles <= max_tiles blocks.
+template <typename scalar_t>
+void launch_batched_shrink_a(const scalar_t* x, int64_t T, int64_t in, const BatchedPool& p,
+                             const TilePlan& plan, int64_t grid_tiles, int splits,
+                             int64_t slice_cols, acc_type_t<scalar_t>* partial,
+                             cudaStream_t stream);
+
+// y[perm[q], o] (+)= scales[a] * sum_k B_a[o, k] * h[q, k], h[q, k] = sum_s partial[s, q, k];
+// rows of "no adapter" tokens are set to 0 unless accumulate (y already holds base).
+template <typename scalar_t>
+void launch_batched_expand_b(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
+                             const BatchedPool& p, const scalar_t* values, const TilePlan& plan,
+                             int64_t grid_tiles, int64_t chunks_per_block, bool accumulate,
+                             scalar_t* y, cudaStream_t stream);
+
+// partial[s, q, k] = sum_{o in chunks of split s} gy[perm[q], o] * B_a[o, k].
+template <typename scalar_t>
+void launch_batched_shrink_b(const scalar_t* gy, int64_t T, const BatchedPool& p,
+                             const scalar_t* values, const TilePlan& plan, int64_t grid_tiles,
+                             int splits, int64_t chunks_per_split, acc_type_t<scalar_t>* partial,
+                             cudaStream_t stream);
+
+// gx[perm[q], j] = scales[a] * sum_k gh[q, k] * A_a[k, j], gh = sum_s partial[s]; rows of
+// "no adapter" tokens are set to 0.
+template <typename scalar_t>
+void launch_batched_expand_a(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
+                             int64_t in, const BatchedPool& p, const TilePlan& plan,
+                             int64_t grid_tiles, scalar_t* gx, cudaStream_t stream);
+
+// gbp[i, o, k] = sum_{q in tile i} gy[perm[q], o] * h[q, k] (h (T, R) summed, sorted order),
+// then for each group's first tile: gacc[value_start + p] += scales[a] * sum over the group's
+// tiles of gbp[., o, k] for pattern entry p = (o, k), one atomicAdd per (entry, group): an
+// entry of one adapter gets a single add onto 0 (exact, deterministic); adapters sharing a
+// value range sum their gradients. gbp: (grid_tiles, out, rank).
+template <typename scalar_t>
+void launch_batched_grad_values(const scalar_t* gy, const acc_type_t<scalar_t>* h, int64_t T,
+                                const BatchedPool& p, const TilePlan& plan, int64_t grid_tiles,
+                                acc_type_t<scalar_t>* gbp, acc_type_t<scalar_t>* gacc,
+                                cudaStream_t stream);
+
 // ---- merge (merge_delta.cu) ---------------------------------------------------------------------
 // w[o, j] += scale * sum_k B[o, k] * A[k, j], w row-major with row stride ldw.
 template <typename scalar_t>

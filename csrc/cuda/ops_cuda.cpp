@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "host_common.h"
 #include "kernels.cuh"
 #include "lori/bitmask.h"
 #include "lori/philox.h"
@@ -30,73 +31,12 @@
 namespace lori::cuda {
 namespace {
 
-constexpr int64_t kMaxGridY = 65535;
-constexpr int64_t kAColTileHost = 64;  // columns per A tile (common.cuh's kAColTile)
-
-// Device attributes, read once per device.
-int device_attr(c10::DeviceIndex dev, cudaDeviceAttr attr, int slot) {
-  static std::array<std::array<std::atomic<int>, 64>, 2> cache{};
-  const int i = std::clamp<int>(dev, 0, 63);
-  int n = cache[slot][i].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, attr, dev));
-    cache[slot][i].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-int sm_count(c10::DeviceIndex dev) { return device_attr(dev, cudaDevAttrMultiProcessorCount, 0); }
-// The wmma kernel needs sm_80+ (and a build whose TORCH_CUDA_ARCH_LIST includes such an arch;
-// the default 9.0+PTX does).
-bool has_bf16_mma(c10::DeviceIndex dev) {
-  return device_attr(dev, cudaDevAttrComputeCapabilityMajor, 1) >= 8;
-}
-
-template <typename F>
-void dispatch(const char* op, at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK_TYPE(false, op, ": no CUDA kernel for dtype ", t);
-  }
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 AGen to_agen(const AGenParams& p) { return AGen{p.k0, p.k1, p.dist, p.magnitude}; }
 
 BMask to_bmask(const at::Tensor& mask, const at::Tensor& offsets, int64_t rank, int64_t nnz) {
   return BMask{reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>()),
                offsets.data_ptr<int32_t>(), mask.size(0), nnz, static_cast<int>(mask.size(1)),
                static_cast<int>(rank)};
-}
-
-void check_grid_y(const char* op, int64_t n, const char* what) {
-  TORCH_CHECK_VALUE(n <= kMaxGridY, op, ": too many ", what, " for one CUDA launch (", n,
-                    " > ", kMaxGridY, ")");
-}
-
-// Splits of a reduction of `len` into slices of a multiple of `quantum`, enough that
-// tiles * splits is about 4 blocks per SM (memory-bound kernels need the loads in flight).
-// Decode caps the splits at decode_split_cap(T): the consumer kernel of the (S, T, R) partials
-// sums S * T values per rank in every block.
-int64_t decode_split_cap(int64_t T) { return std::max<int64_t>(1, 512 / std::max<int64_t>(T, 1)); }
-struct Split {
-  int splits;
-  int64_t per_split;  // a multiple of quantum
-};
-Split plan_split(int64_t len, int64_t quantum, int64_t tiles, int sms,
-                 int64_t max_splits = INT32_MAX) {
-  const int64_t units = std::max<int64_t>(1, (len + quantum - 1) / quantum);
-  const int64_t want =
-      std::clamp<int64_t>((4 * sms + tiles - 1) / tiles, 1, std::min(units, max_splits));
-  const int64_t per = (units + want - 1) / want;
-  return Split{static_cast<int>((units + per - 1) / per), per * quantum};
-}
-
-int token_tile(int64_t T, at::ScalarType t, int64_t rank) {
-  return T > kSmallTile && t != at::kDouble && rank <= 128 ? kLargeTile : kSmallTile;
 }
 
 // h partials (S, T, rank) = x2 @ A^T split over in_features (tensor cores where they apply).
@@ -127,10 +67,13 @@ std::pair<at::Tensor, int> shrink_a(const char* op, const at::Tensor& x2, const 
   return {partial, sp.splits};
 }
 
-at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-                             const at::Tensor& offsets, int64_t rank, int64_t seed,
-                             c10::string_view distribution, double scale) {
-  const char* op = "sparse_delta";
+// y = scale * (x A^T) B^T, and with keep_h also h = x A^T (T, rank) in the accumulation dtype
+// (sparse_delta_fwd, for the backward to reuse): then the partials are always summed first.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& x,
+                                                const at::Tensor& mask, const at::Tensor& values,
+                                                const at::Tensor& offsets, int64_t rank,
+                                                int64_t seed, c10::string_view distribution,
+                                                double scale, bool keep_h) {
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -138,7 +81,10 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
   out_shape.back() = s.out_features;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens;
-  if (T == 0 || s.out_features == 0) return y;
+  const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  if (T == 0 || (s.out_features == 0 && !keep_h)) {
+    return {y, keep_h ? at::zeros({T, rank}, acc) : at::Tensor()};
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
   const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
@@ -146,9 +92,11 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
   const auto hp = shrink_a(op, x2, s, stream);
   // Decode: expand_b sums the few (T x rank) partials itself. Prefill: every chunk block would
   // re-read all of them, so they are summed once first (a plain fixed-order reduction).
-  const bool presum = hp.second > 1 && T > kSmallTile;
+  const bool presum = hp.second > 1 && (T > kSmallTile || keep_h);
   const at::Tensor partial = presum ? hp.first.sum(0, /*keepdim=*/true) : hp.first;
   const int splits = presum ? 1 : hp.second;
+  at::Tensor h = keep_h ? partial[0] : at::Tensor();  // (T, rank) when keep_h (splits == 1)
+  if (s.out_features == 0) return {y, h};
   const BMask b = to_bmask(m, off, rank, v.numel());
   const int tile = token_tile(T, x.scalar_type(), rank);
   const int64_t tiles = (T + tile - 1) / tile, nch = num_chunks(s.out_features);
@@ -173,22 +121,49 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
     launch_expand_b<scalar_t>(partial.data_ptr<acc_t>(), splits, T, b, v.data_ptr<scalar_t>(),
                               scale, tile, cpb, y.data_ptr<scalar_t>(), stream);
   });
-  return y;
+  return {y, h};
 }
 
-// h (a saved x @ A^T) is accepted for the schema and not used: the CUDA backward recomputes
-// it inside its fused kernels, and the CUDA forward does not keep it.
+at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                             const at::Tensor& offsets, int64_t rank, int64_t seed,
+                             c10::string_view distribution, double scale) {
+  return std::get<0>(forward_impl("sparse_delta", x, mask, values, offsets, rank, seed,
+                                  distribution, scale, false));
+}
+
+// (y, h = x @ A^T): the forward autograd would use when B's values need a gradient (the
+// backward then skips recomputing h). h is (T, rank) fp32 (float64 for float64 x).
+std::tuple<at::Tensor, at::Tensor> sparse_delta_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+    const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
+    double scale) {
+  return forward_impl("sparse_delta_fwd", x, mask, values, offsets, rank, seed, distribution,
+                      scale, true);
+}
+
+// h, when given and non-empty, is sparse_delta_fwd's x @ A^T: grad_values then skips the
+// shrink_a that recomputes it (checked like the CPU backend: (T, rank), fp32 / fp64, x's
+// device).
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
     c10::string_view distribution, double scale, bool need_x, bool need_values,
-    const std::optional<at::Tensor>& /*h*/) {
+    const std::optional<at::Tensor>& h_in) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
                                                distribution);
   check_grad_y(op, grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = s.tokens;
+  at::Tensor h_saved;
+  if (h_in.has_value() && h_in->defined() && h_in->numel() > 0) {
+    h_saved = *h_in;
+    const auto hdt = acc_dtype(x.scalar_type());
+    TORCH_CHECK_VALUE(h_saved.dim() == 2 && h_saved.size(0) == T && h_saved.size(1) == rank &&
+                          h_saved.scalar_type() == hdt && h_saved.device() == x.device(),
+                      op, ": h must be (", T, ", ", rank, ") ", hdt, " on x's device, got ",
+                      h_saved.sizes(), " ", h_saved.scalar_type());
+  }
   const bool empty = T == 0 || s.out_features == 0;
   // grad_x is fully written by expand_a unless there is nothing to reduce.
   at::Tensor gx = !need_x ? at::empty({0}, x.options())
@@ -263,10 +238,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     }
   }
   if (need_values) {
-    const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
-    const auto hp = shrink_a(op, x2, s, stream);
-    // (T, rank); a plain sum over dim 0 of a contiguous tensor: fixed order, deterministic.
-    const at::Tensor h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
+    at::Tensor h;
+    if (h_saved.defined()) {
+      h = h_saved.contiguous();
+    } else {
+      const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
+      const auto hp = shrink_a(op, x2, s, stream);
+      // (T, rank); a plain sum over dim 0 of a contiguous tensor: fixed order, deterministic.
+      h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
+    }
     bool done = false;
     if (mma) {
       const Split sp = plan_split(T, kMmaTM, nch, sms);
@@ -366,6 +346,7 @@ TORCH_LIBRARY_IMPL(lori, CUDA, m) {
   m.impl("_random_a_fill", &lori::cuda::random_a_fill_cuda);
   m.impl("philox4x32_10", &lori::cuda::philox_cuda);
   m.impl("sparse_delta", &lori::cuda::sparse_delta_cuda);
+  m.impl("sparse_delta_fwd", &lori::cuda::sparse_delta_fwd_cuda);
   m.impl("sparse_delta_backward", &lori::cuda::sparse_delta_backward_cuda);
   m.impl("merge_delta_", &lori::cuda::merge_delta_cuda);
 }
