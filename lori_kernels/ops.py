@@ -173,16 +173,19 @@ def _merge_delta_fake(weight, mask, values, offsets, rank, seed, distribution, s
 
 
 def merge_delta_(weight: torch.Tensor, b: PackedB, *, seed: int,
-                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0) -> torch.Tensor:
+                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0,
+                 backend: str | None = None) -> torch.Tensor:
     """In place: weight (out_features, in_features) += scale * B @ A, A generated per column
-    tile (never whole). Unmerge with -scale. Returns weight."""
+    tile (never whole). Unmerge with -scale. Returns weight.
+    backend: None/'auto'/'cpp'/'triton' (see resolve_backend)."""
     if not isinstance(b, PackedB):
         raise TypeError(f"b must be a PackedB, got {type(b).__name__}")
     seed_i64 = spec.check_seed(seed)
     spec.check_distribution(distribution)
+    op = (_ops.triton_merge_delta_ if resolve_backend(backend, weight.device) == "triton"
+          else _ops.merge_delta_)
     with torch.no_grad():
-        _ops.merge_delta_(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
-                          float(scale))
+        op(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution, float(scale))
     return weight
 
 

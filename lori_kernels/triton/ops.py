@@ -1,12 +1,14 @@
-"""Registers the Triton kernels for lori::triton_sparse_delta, lori::triton_sparse_delta_backward
-and lori::triton_random_a_fill (schemas in csrc/ops.cpp; same semantics as sparse_delta,
-sparse_delta_backward and _random_a_fill), with fake kernels and autograd.
+"""Registers the Triton kernels for lori::triton_sparse_delta, lori::triton_sparse_delta_backward,
+lori::triton_random_a_fill and lori::triton_merge_delta_ (schemas in csrc/ops.cpp; same
+semantics as sparse_delta, sparse_delta_backward, _random_a_fill and merge_delta_), with fake
+kernels and autograd.
 
   triton_sparse_delta:   y = scale * (x @ A^T) @ B^T, A (rank, in) from (seed, distribution),
                          B (out, rank) = (mask, values, offsets); y in x's dtype.
   triton_sparse_delta_backward: (grad_x, grad_values) = (scale * (gy @ B) @ A,
                          scale * sum_t gy[t, o] h[t, k] per pattern entry), h = x @ A^T.
   triton_random_a_fill:  out[r, c] = A[r, col_start + c] (in place).
+  triton_merge_delta_:   weight (out, in) += scale * B @ A (in place; unmerge: -scale).
 
 Kernels run on CUDA tensors, and on CPU tensors only when TRITON_INTERPRET=1 was set before
 this module was imported (Triton decides interpreter vs compiler when a kernel is decorated).
@@ -23,6 +25,7 @@ import torch
 from .. import ops as _lori_ops  # noqa: F401  (loads lori_kernels._C: the op schemas)
 from .. import spec
 from ..packing import validate_packed
+from . import merge_delta as _merge
 from . import random_a as _random_a
 from . import sparse_delta_bwd as _bwd
 from . import sparse_delta_fwd as _fwd
@@ -59,21 +62,23 @@ def _validate_contents(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("LORI_TRITON_VALIDATE", "0") == "1"
 
 
-def _check_delta(op: str, x, mask, values, offsets, rank, distribution) -> None:
+def _check_delta(op: str, x, mask, values, offsets, rank, distribution, xn: str = "x") -> None:
+    """Argument checks shared by the single-adapter ops; xn names x's role (merge: weight)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= spec.MAX_RANK:
         raise ValueError(f"{op}: rank must be in [1, {spec.MAX_RANK}], got {rank!r}")
     _check_distribution(op, distribution)
     if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dimension (..., in_features)")
+        raise ValueError(f"{op}: {xn} must have at least 1 dimension (..., in_features)")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        raise TypeError(f"{op}: {xn} must be float32, bfloat16, float16 or float64, got "
+                        f"{x.dtype}")
     if not 1 <= x.shape[-1] <= _MAX_IN:
-        raise ValueError(f"{op}: in_features (x.shape[-1]) must be in [1, 2^31), got "
+        raise ValueError(f"{op}: in_features ({xn}.shape[-1]) must be in [1, 2^31), got "
                          f"{x.shape[-1]}")
     for name, t in (("mask", mask), ("values", values), ("offsets", offsets)):
         if t.device != x.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them "
-                               "to the same device")
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {xn} is on {x.device}; move "
+                               "them to the same device")
     if mask.dtype != torch.int32:
         raise TypeError(f"{op}: mask must be int32, got {mask.dtype}")
     words = spec.mask_words(rank)
@@ -81,7 +86,7 @@ def _check_delta(op: str, x, mask, values, offsets, rank, distribution) -> None:
         raise ValueError(f"{op}: mask must have shape (out_features, {words}) for rank {rank}, "
                          f"got {tuple(mask.shape)}")
     if values.dtype != x.dtype:
-        raise TypeError(f"{op}: values dtype ({values.dtype}) must match x dtype ({x.dtype})")
+        raise TypeError(f"{op}: values dtype ({values.dtype}) must match {xn} dtype ({x.dtype})")
     if values.dim() != 1:
         raise ValueError(f"{op}: values must be 1-D (nnz,), got {tuple(values.shape)}")
     if offsets.dtype != torch.int32:
@@ -157,6 +162,22 @@ def _triton_random_a_fill(out, seed, in_features, col_start, distribution):
         _random_a.random_a_fill(out, seed, in_features, col_start, distribution, INTERPRET)
 
 
+def _check_merge(op, weight, mask, values, offsets, rank, distribution) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got "
+                         f"{tuple(weight.shape)}")
+    _check_delta(op, weight, mask, values, offsets, rank, distribution, xn="weight")
+    if weight.shape[0] != mask.shape[0]:
+        raise ValueError(f"{op}: weight has {weight.shape[0]} rows but mask has out_features = "
+                         f"{mask.shape[0]}")
+
+
+@torch.library.register_kernel("lori::triton_merge_delta_", ("cpu", "cuda"))
+def _triton_merge_delta_(weight, mask, values, offsets, rank, seed, distribution, scale):
+    _check_merge("triton_merge_delta_", weight, mask, values, offsets, rank, distribution)
+    with _on(weight):
+        _merge.merge_delta_(weight, *_b(mask, values, offsets), rank, seed, distribution,
+                            float(scale), INTERPRET)
 
 
 # ---- fake kernels -------------------------------------------------------------------------------
@@ -194,6 +215,16 @@ def _triton_sparse_delta_backward_fake(grad_y, x, mask, values, offsets, rank, s
 
 @torch.library.register_fake("lori::triton_random_a_fill")
 def _triton_random_a_fill_fake(out, seed, in_features, col_start, distribution):
+    return None
+
+
+@torch.library.register_fake("lori::triton_merge_delta_")
+def _triton_merge_delta_fake(weight, mask, values, offsets, rank, seed, distribution, scale):
+    op = "triton_merge_delta_"
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out_features, in_features)")
+    _check_delta_fake(op, weight, mask, values, offsets, rank)
+    torch._check(weight.shape[0] == mask.shape[0],
+                 lambda: f"{op}: weight rows must equal mask's out_features")
     return None
 
 
