@@ -249,7 +249,8 @@ def _batched_sparse_delta_backward_fake(grad_y, x, adapter_ids, masks, values, v
 
 
 def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
-                         base: torch.Tensor | None = None) -> torch.Tensor:
+                         base: torch.Tensor | None = None,
+                         backend: str | None = None) -> torch.Tensor:
     """Many LoRI adapters of one AdapterPool in one batch (punica BGMV semantics):
 
         y[t] = base[t] + scale_a * (x[t] @ A_a^T) @ B_a^T,   a = adapter_ids[t]
@@ -261,6 +262,8 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
     `base` (shape (..., out_features), x's dtype) is the accumulate form: base + delta,
     rounded once. Gradients flow to x, base and pool.values (every used adapter's B entries).
     pool.values must be in x's dtype, else it is converted on every call.
+    backend: None/'auto'/'cpp'/'triton' (see resolve_backend). The Triton op checks the ids on
+    the device and reads the result back once (one sync; LORI_TRITON_BATCHED_CHECKS=0 skips it).
     """
     from .pool import AdapterPool
     if not isinstance(pool, AdapterPool):
@@ -272,5 +275,6 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
     masks, values, starts, offsets, seeds, scales, dists, rank = pool.op_args()
     if values.dtype != x.dtype:
         values = values.to(x.dtype)
-    return _ops.batched_sparse_delta(x, ids.reshape(-1), masks, values, starts, offsets, seeds,
-                                     scales, dists, rank, base)
+    op = (_ops.triton_batched_sparse_delta if resolve_backend(backend, x.device) == "triton"
+          else _ops.batched_sparse_delta)
+    return op(x, ids.reshape(-1), masks, values, starts, offsets, seeds, scales, dists, rank, base)

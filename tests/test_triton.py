@@ -521,6 +521,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import lori_kernels.triton.batched_delta as BD
 import lori_kernels.triton.merge_delta as M
 import lori_kernels.triton.random_a as R
 import lori_kernels.triton.sparse_delta_bwd as B
@@ -559,6 +560,27 @@ for io, acc in (("bf16", "fp32"), ("fp32", "fp32")):
          gv_ptr="*" + acc, T=i, n_out=i, rank=i, nnz=i, scale="fp32", stride_gt=i, stride_go=i,
          n_ttiles=i, tiles_per_split=i, h_split=i),
          dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64))
+    comp(BD.shrink_kernel, dict(x_ptr="*" + io, perm_ptr="*i32", work_ptr="*i32",
+         seeds_ptr="*i64", dists_ptr="*i32", h_ptr="*" + acc, T=i, K=i, rank=i, stride_xt=i,
+         stride_xk=i, mag_r="fp32", mag_u="fp32", n_ktiles=i, tiles_per_split=i),
+         dict(BLOCK_T=16, BLOCK_R=32, BLOCK_K=128))
+    comp(BD.expand_kernel, dict(h_ptr="*" + acc, perm_ptr="*i32", work_ptr="*i32",
+         masks_ptr="*i32", values_ptr="*" + io, vstarts_ptr="*i64", offsets_ptr="*i32",
+         scales_ptr="*fp32", base_ptr="*" + io, y_ptr="*" + io, T=i, n_out=i, rank=i,
+         n_values=i, n_split=i, stride_bt=i, stride_bo=i),
+         dict(HAS_BASE=True, WORDS=2, BLOCK_T=64, BLOCK_O=64, BLOCK_R=32))
+    comp(BD.gy_b_kernel, dict(gy_ptr="*" + io, perm_ptr="*i32", work_ptr="*i32",
+         masks_ptr="*i32", values_ptr="*" + io, vstarts_ptr="*i64", offsets_ptr="*i32",
+         gh_ptr="*" + acc, T=i, n_out=i, rank=i, n_values=i, stride_gt=i, stride_go=i,
+         n_otiles=i, tiles_per_split=i), dict(WORDS=1, BLOCK_T=16, BLOCK_O=64, BLOCK_R=32))
+    comp(BD.gh_a_kernel, dict(gh_ptr="*" + acc, perm_ptr="*i32", work_ptr="*i32",
+         seeds_ptr="*i64", dists_ptr="*i32", scales_ptr="*fp32", gx_ptr="*" + io, T=i, K=i,
+         rank=i, mag_r="fp32", mag_u="fp32", n_split=i),
+         dict(BLOCK_T=64, BLOCK_R=32, BLOCK_K=128))
+    comp(BD.gv_kernel, dict(gy_ptr="*" + io, h_ptr="*" + acc, perm_ptr="*i32", segs_ptr="*i32",
+         masks_ptr="*i32", vstarts_ptr="*i64", offsets_ptr="*i32", scales_ptr="*fp32",
+         gv_ptr="*" + acc, T=i, n_out=i, rank=i, n_values=i, stride_gt=i, stride_go=i,
+         h_split=i), dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64))
 """
 
 
