@@ -1,7 +1,5 @@
-"""Registers the Triton kernels for lori::triton_sparse_delta, lori::triton_sparse_delta_backward,
-lori::triton_random_a_fill and lori::triton_merge_delta_ (schemas in csrc/ops.cpp; same
-semantics as sparse_delta, sparse_delta_backward, _random_a_fill and merge_delta_), with fake
-kernels and autograd.
+"""Registers the Triton kernels of the lori ops (schemas in csrc/ops.cpp), with fake kernels and
+autograd. Each triton_X has the semantics, argument checks and error messages of the C++ op X.
 
   triton_sparse_delta:   y = scale * (x @ A^T) @ B^T, A (rank, in) from (seed, distribution),
                          B (out, rank) = (mask, values, offsets); y in x's dtype.
@@ -9,6 +7,20 @@ kernels and autograd.
                          scale * sum_t gy[t, o] h[t, k] per pattern entry), h = x @ A^T.
   triton_random_a_fill:  out[r, c] = A[r, col_start + c] (in place).
   triton_merge_delta_:   weight (out, in) += scale * B @ A (in place; unmerge: -scale).
+  triton_batched_sparse_delta: y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,
+                         a = adapter_ids[t] (-1: no adapter), adapters of one pool.
+  triton_batched_sparse_delta_backward: (grad_x, grad_values over the whole values buffer);
+                         adapters sharing a value range sum their gradients.
+
+Autograd: x and values get gradients (and base: grad_y itself); A is frozen.
+
+Checks: shapes/dtypes/devices on the host, reading nothing. B contents (mask vs offsets) are
+validated on the host for CPU tensors; on CUDA only with LORI_TRITON_VALIDATE=1 (it syncs);
+unvalidated kernels still never read outside `values`. The batched ops also check the ids
+(-1 <= id < N) and each used adapter's value extent and distribution with device-side
+reductions and ONE host sync per call (free for CPU tensors); LORI_TRITON_BATCHED_CHECKS=0
+skips that sync (e.g. for CUDA graph capture): bad ids then count as -1 and extents are clamped,
+so nothing is read out of bounds, but no error is raised either.
 
 Kernels run on CUDA tensors, and on CPU tensors only when TRITON_INTERPRET=1 was set before
 this module was imported (Triton decides interpreter vs compiler when a kernel is decorated).
