@@ -424,7 +424,9 @@ def test_skipped_checks_still_never_read_out_of_bounds(monkeypatch):
     assert torch.equal(y, good)
     # an extent past the buffer's end: reads clamped to the buffer (a view with no spare room)
     short = values[: int(starts[2])]
-    _ops.triton_batched_sparse_delta(x, torch.tensor([0, 2, 2, 2]), masks, short, starts, *rest)
+    y = _ops.triton_batched_sparse_delta(x, torch.tensor([0, 2, 2, 2]), masks, short, starts,
+                                         *rest)
+    assert torch.equal(y[0], good[0]) and torch.count_nonzero(y[1:]) == 0  # adapter 2: empty
 
 
 # ---- pool and module ---------------------------------------------------------------------------
