@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import spec
+from .ops import resolve_backend
 from .packing import PackedB, chunk_offsets, pack_mask, unpack_mask
 
 DEFAULT_ADAPTER = "default"
@@ -329,9 +330,10 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
     token (x.shape[:-1]) or one per sequence (x.shape[0], repeated over the sequence). They
     stay set until the next set_adapter_ids. forward is one torch.ops.lori.batched_sparse_delta
     call accumulating into base(x). Moving the layer (.to / .cuda) moves the pool too.
+    backend: None/'auto'/'cpp'/'triton' (lori_kernels.ops.resolve_backend, at each forward).
     """
 
-    def __init__(self, base: nn.Linear, pool):
+    def __init__(self, base: nn.Linear, pool, *, backend: str | None = None):
         super().__init__()
         from .pool import AdapterPool
         if not isinstance(base, nn.Linear):
@@ -345,7 +347,7 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
         base.requires_grad_(False)
         self.pool = pool
         self.adapter_ids: torch.Tensor | None = None
-
+        self.backend = backend
 
     def set_adapter_ids(self, ids) -> None:
         """Adapter per token (or per sequence) for the next forward calls (see the class doc)."""
@@ -371,9 +373,11 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
         masks, values, starts, offsets, seeds, scales, dists, rank = self.pool.op_args()
         if values.dtype != x.dtype:
             values = values.to(x.dtype)
-        return torch.ops.lori.batched_sparse_delta(x, self._token_ids(x), masks, values, starts,
-                                                   offsets, seeds, scales, dists, rank,
-                                                   self.base(x))
+        op = (torch.ops.lori.triton_batched_sparse_delta
+              if resolve_backend(self.backend, x.device) == "triton"
+              else torch.ops.lori.batched_sparse_delta)
+        return op(x, self._token_ids(x), masks, values, starts, offsets, seeds, scales, dists,
+                  rank, self.base(x))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

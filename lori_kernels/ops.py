@@ -173,16 +173,19 @@ def _merge_delta_fake(weight, mask, values, offsets, rank, seed, distribution, s
 
 
 def merge_delta_(weight: torch.Tensor, b: PackedB, *, seed: int,
-                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0) -> torch.Tensor:
+                 distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0,
+                 backend: str | None = None) -> torch.Tensor:
     """In place: weight (out_features, in_features) += scale * B @ A, A generated per column
-    tile (never whole). Unmerge with -scale. Returns weight."""
+    tile (never whole). Unmerge with -scale. Returns weight.
+    backend: None/'auto'/'cpp'/'triton' (see resolve_backend)."""
     if not isinstance(b, PackedB):
         raise TypeError(f"b must be a PackedB, got {type(b).__name__}")
     seed_i64 = spec.check_seed(seed)
     spec.check_distribution(distribution)
+    op = (_ops.triton_merge_delta_ if resolve_backend(backend, weight.device) == "triton"
+          else _ops.merge_delta_)
     with torch.no_grad():
-        _ops.merge_delta_(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
-                          float(scale))
+        op(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution, float(scale))
     return weight
 
 
@@ -246,7 +249,8 @@ def _batched_sparse_delta_backward_fake(grad_y, x, adapter_ids, masks, values, v
 
 
 def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
-                         base: torch.Tensor | None = None) -> torch.Tensor:
+                         base: torch.Tensor | None = None,
+                         backend: str | None = None) -> torch.Tensor:
     """Many LoRI adapters of one AdapterPool in one batch (punica BGMV semantics):
 
         y[t] = base[t] + scale_a * (x[t] @ A_a^T) @ B_a^T,   a = adapter_ids[t]
@@ -258,6 +262,8 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
     `base` (shape (..., out_features), x's dtype) is the accumulate form: base + delta,
     rounded once. Gradients flow to x, base and pool.values (every used adapter's B entries).
     pool.values must be in x's dtype, else it is converted on every call.
+    backend: None/'auto'/'cpp'/'triton' (see resolve_backend). The Triton op checks the ids on
+    the device and reads the result back once (one sync; LORI_TRITON_BATCHED_CHECKS=0 skips it).
     """
     from .pool import AdapterPool
     if not isinstance(pool, AdapterPool):
@@ -269,5 +275,6 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
     masks, values, starts, offsets, seeds, scales, dists, rank = pool.op_args()
     if values.dtype != x.dtype:
         values = values.to(x.dtype)
-    return _ops.batched_sparse_delta(x, ids.reshape(-1), masks, values, starts, offsets, seeds,
-                                     scales, dists, rank, base)
+    op = (_ops.triton_batched_sparse_delta if resolve_backend(backend, x.device) == "triton"
+          else _ops.batched_sparse_delta)
+    return op(x, ids.reshape(-1), masks, values, starts, offsets, seeds, scales, dists, rank, base)

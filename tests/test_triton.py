@@ -290,6 +290,113 @@ def test_gradcheck_float64():
         (x, v))
 
 
+# ---- merge_delta_ ------------------------------------------------------------------------------
+
+def _merge(w, b, seed, dist, scale):
+    b = _dev(b)
+    _ops.triton_merge_delta_(w, b.mask, b.values, b.offsets, b.rank, spec.check_seed(seed), dist,
+                             scale)
+
+
+def _merge_ref(w0, b, seed, dist, scale):
+    """(float64 reference, plain torch in w0's dtype) of w0 + scale * B @ A."""
+    a = reference.random_a(seed, b.rank, w0.shape[1], dist)
+    ref = w0.double() + scale * b.to_dense().double() @ a.double()
+    base = w0 + scale * b.to_dense().to(w0.dtype) @ a.to(w0.dtype)
+    return ref, base
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("shape", [(77, 300, 20), (130, 129, 33), (1, 5, 1), (64, 257, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_merge_delta_against_reference_and_cpp(dtype, dist, shape):
+    # out not a multiple of 64 (77, 130), rank 1 and 33 (two mask words), in not a multiple of
+    # the column tile.
+    out, inp, rank = shape
+    g = _gen(out + rank)
+    b = random_packed(out, rank, density=0.4, generator=g, dtype=dtype)
+    w0 = torch.randn(out, inp, generator=g).to(dtype)
+    w = w0.clone().to(DEVICE)  # on the CPU .to would alias w0
+    _merge(w, b, 2**63 + 9, dist, 0.7)
+    ref, base = _merge_ref(w0, b, 2**63 + 9, dist, 0.7)
+    assert_within_rule(w.cpu(), ref, base, f"merge {dtype} {dist} {shape}")
+    wc = w0.clone()
+    L.merge_delta_(wc, b, seed=2**63 + 9, distribution=dist, scale=0.7, backend="cpp")
+    assert_within_rule(w.cpu(), wc.double(), base, "vs C++")  # C++ is itself within the rule
+    if dtype == torch.float64:
+        torch.testing.assert_close(w.cpu(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge_round_trip(dtype):
+    g = _gen(21)
+    b = random_packed(90, 24, density=0.3, generator=g, dtype=dtype)
+    w0 = torch.randn(90, 200, generator=g).to(dtype)
+    w = w0.clone().to(DEVICE)  # on the CPU .to would alias w0
+    L.merge_delta_(w, _dev(b), seed=5, distribution="uniform", scale=1.5, backend="triton")
+    assert not torch.equal(w.cpu(), w0)
+    L.merge_delta_(w, _dev(b), seed=5, distribution="uniform", scale=-1.5, backend="triton")
+    # Each pass rounds once into the weight: back to w0 within the rule for two roundings.
+    ref, base = _merge_ref(w0, b, 5, "uniform", 1.5)
+    _, base2 = _merge_ref(base, b, 5, "uniform", -1.5)
+    assert_within_rule(w.cpu(), w0.double(), base2, "unmerge")
+
+
+def test_merge_noncontiguous_weight_and_env_backend(monkeypatch):
+    g = _gen(22)
+    b = random_packed(70, 16, generator=g)
+    w0 = torch.randn(70, 150, generator=g)
+    w = w0.clone().to(DEVICE)  # on the CPU .to would alias w0
+    _merge(w, b, 3, "rademacher", 2.0)
+    wt = w0.t().contiguous().t().to(DEVICE)  # column-major weight (a copy)
+    assert not wt.is_contiguous()
+    monkeypatch.setenv("LORI_BACKEND", "triton")
+    L.merge_delta_(wt, _dev(b), seed=3, scale=2.0)
+    assert torch.equal(wt, w)
+    big = torch.zeros(70, 300, device=DEVICE)   # a column slice: only it changes
+    L.merge_delta_(big[:, 100:250], _dev(b), seed=3, scale=2.0)
+    z = torch.zeros(70, 150, device=DEVICE)
+    _merge(z, b, 3, "rademacher", 2.0)
+    assert torch.count_nonzero(z) > 0 and torch.equal(big[:, 100:250], z)
+    assert torch.count_nonzero(big[:, :100]) == 0 and torch.count_nonzero(big[:, 250:]) == 0
+
+
+def _merge_args(dtype=torch.float32):
+    g = _gen(9)
+    b = _dev(random_packed(20, 8, generator=g, dtype=dtype))
+    return [torch.randn(20, 40, generator=g).to(dtype).to(DEVICE), b.mask, b.values, b.offsets,
+            8, 1, "rademacher", 1.0]
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [
+    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "weight must be 2-D"),
+    (lambda a: a.__setitem__(0, a[0][:19]), ValueError, "weight has 19 rows"),
+    (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "weight must be float"),
+    (lambda a: a.__setitem__(0, a[0].double()), TypeError, "values dtype .* must match weight"),
+    (lambda a: a.__setitem__(0, a[0][:, :0]), ValueError, "in_features"),
+    (lambda a: a.__setitem__(1, a[1].to(torch.int64)), TypeError, "mask must be int32"),
+    (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "values has|entries"),
+    (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, "offsets must have shape"),
+    (lambda a: a.__setitem__(4, 0), ValueError, "rank must be in"),
+    (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
+    (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
+])
+def test_merge_bad_arguments(mutate, exc, msg):
+    a = _merge_args()
+    mutate(a)
+    w_before = a[0].clone() if a[0].is_floating_point() else None
+    with pytest.raises(exc, match=msg):
+        _ops.triton_merge_delta_(*a)
+    if w_before is not None:
+        assert torch.equal(a[0], w_before)  # nothing written before the error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_opcheck(dtype):
+    torch.library.opcheck(_ops.triton_merge_delta_.default, _merge_args(dtype))
+
+
 # ---- op machinery --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -414,6 +521,8 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import lori_kernels.triton.batched_delta as BD
+import lori_kernels.triton.merge_delta as M
 import lori_kernels.triton.random_a as R
 import lori_kernels.triton.sparse_delta_bwd as B
 import lori_kernels.triton.sparse_delta_fwd as F
@@ -443,10 +552,35 @@ for io, acc in (("bf16", "fp32"), ("fp32", "fp32")):
          dict(WORDS=1, BLOCK_T=16, BLOCK_O=64, BLOCK_R=32))
     comp(B.gh_a_kernel, dict(gh_ptr="*" + acc, gx_ptr="*" + io, T=i, K=i, rank=i, k0=i, k1=i,
          mag="fp32", scale="fp32", n_split=i), dict(DIST=1, BLOCK_T=64, BLOCK_R=32, BLOCK_K=128))
+    comp(M.merge_kernel, dict(w_ptr="*" + io, mask_ptr="*i32", values_ptr="*" + io,
+         offsets_ptr="*i32", scale_ptr="*" + acc, n_out=i, K=i, rank=i, nnz=i, stride_wo=i,
+         stride_wk=i, k0=i, k1=i, mag="fp32"),
+         dict(DIST=2, WORDS=2, BLOCK_O=64, BLOCK_R=32, BLOCK_K=128))
     comp(B.gv_kernel, dict(gy_ptr="*" + io, h_ptr="*" + acc, mask_ptr="*i32", offsets_ptr="*i32",
          gv_ptr="*" + acc, T=i, n_out=i, rank=i, nnz=i, scale="fp32", stride_gt=i, stride_go=i,
          n_ttiles=i, tiles_per_split=i, h_split=i),
          dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64))
+    comp(BD.shrink_kernel, dict(x_ptr="*" + io, perm_ptr="*i32", work_ptr="*i32",
+         seeds_ptr="*i64", dists_ptr="*i32", h_ptr="*" + acc, T=i, K=i, rank=i, stride_xt=i,
+         stride_xk=i, mag_r="fp32", mag_u="fp32", n_ktiles=i, tiles_per_split=i),
+         dict(BLOCK_T=16, BLOCK_R=32, BLOCK_K=128))
+    comp(BD.expand_kernel, dict(h_ptr="*" + acc, perm_ptr="*i32", work_ptr="*i32",
+         masks_ptr="*i32", values_ptr="*" + io, vstarts_ptr="*i64", offsets_ptr="*i32",
+         scales_ptr="*fp32", base_ptr="*" + io, y_ptr="*" + io, T=i, n_out=i, rank=i,
+         n_values=i, n_split=i, stride_bt=i, stride_bo=i),
+         dict(HAS_BASE=True, WORDS=2, BLOCK_T=64, BLOCK_O=64, BLOCK_R=32))
+    comp(BD.gy_b_kernel, dict(gy_ptr="*" + io, perm_ptr="*i32", work_ptr="*i32",
+         masks_ptr="*i32", values_ptr="*" + io, vstarts_ptr="*i64", offsets_ptr="*i32",
+         gh_ptr="*" + acc, T=i, n_out=i, rank=i, n_values=i, stride_gt=i, stride_go=i,
+         n_otiles=i, tiles_per_split=i), dict(WORDS=1, BLOCK_T=16, BLOCK_O=64, BLOCK_R=32))
+    comp(BD.gh_a_kernel, dict(gh_ptr="*" + acc, perm_ptr="*i32", work_ptr="*i32",
+         seeds_ptr="*i64", dists_ptr="*i32", scales_ptr="*fp32", gx_ptr="*" + io, T=i, K=i,
+         rank=i, mag_r="fp32", mag_u="fp32", n_split=i),
+         dict(BLOCK_T=64, BLOCK_R=32, BLOCK_K=128))
+    comp(BD.gv_kernel, dict(gy_ptr="*" + io, h_ptr="*" + acc, perm_ptr="*i32", segs_ptr="*i32",
+         masks_ptr="*i32", vstarts_ptr="*i64", offsets_ptr="*i32", scales_ptr="*fp32",
+         gv_ptr="*" + acc, T=i, n_out=i, rank=i, n_values=i, stride_gt=i, stride_go=i,
+         h_split=i), dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64))
 """
 
 

@@ -9,6 +9,9 @@ Kernel layout (one file per concern):
   random_a.py          A tiles from the seed (docs/spec_a.md) + random_a's fill kernel
   sparse_delta_fwd.py  forward: shrink (x -> h = x A^T, A per tile) + expand (h -> y, sparse B)
   sparse_delta_bwd.py  backward: gy B -> gh; gh A -> grad_x; (gy^T h)[pattern] -> grad_values
+  merge_delta.py       merge_delta_: weight += scale * B A per (64-row chunk, column tile)
+  batched_delta.py     many adapters per batch: tokens grouped by adapter on the device,
+                       shrink/expand (and backward) over (segment tile, ...) work tables
   ops.py               registration (CPU/CUDA kernels, fake kernels, autograd)
 """
 from __future__ import annotations

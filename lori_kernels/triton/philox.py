@@ -75,3 +75,11 @@ def cast_rne(v, DTYPE: tl.constexpr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(DTYPE)
+
+
+@triton.jit
+def key_from_seed(seed):
+    """An int64 seed loaded from a tensor (the uint64 bit pattern) -> Philox key words (uint32)."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return k0, k1

@@ -95,3 +95,16 @@ def random_a_fill(out: torch.Tensor, seed: int, in_features: int, col_start: int
     _random_a_fill_kernel[grid](out, out.stride(0), out.stride(1), rank, col_start, ncols, k0, k1,
                                 spec.magnitude(distribution, in_features), DIST=dist_id,
                                 BLOCK_R=br, BLOCK_K=bk, E=e)
+
+
+@triton.jit
+def a_tile_any(k0, k1, rows, col0, dist, mag_r, mag_u, BLOCK_R: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """a_tile with the distribution a runtime value (1 rademacher, else uniform): the batched
+    kernels' adapters differ in distribution. `dist` is uniform across a program, so this is a
+    branch, not a divergent select; both paths are compiled."""
+    if dist == 1:
+        a = a_tile(k0, k1, rows, col0, mag_r, 1, BLOCK_R, BLOCK_K)
+    else:
+        a = a_tile(k0, k1, rows, col0, mag_u, 2, BLOCK_R, BLOCK_K)
+    return a
