@@ -29,7 +29,7 @@ class SparseDelta : public torch::autograd::Function<SparseDelta> {
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["distribution"] = std::string(distribution);
     ctx->saved_data["scale"] = scale;
-    if (values.requires_grad() && x.is_cpu()) {
+    if (values.requires_grad() && (x.is_cpu() || x.is_cuda())) {  // both have sparse_delta_fwd
       // grad_values needs h = x @ A^T; the forward has it, so keep it (T x rank: small)
       // instead of recomputing a GEMM in the backward.
       auto [y, h] = sparse_delta_fwd_op().call(x, mask, values, offsets, rank, seed,

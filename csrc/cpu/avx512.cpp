@@ -226,6 +226,26 @@ LORI_AVX512 inline __m512 reduce16(const __m512* a) {
       _mm512_mask_blend_ps(0xAAAA, w[0], w[1]));
 }
 
+// Rows d[0, n) (n <= 16) of one token's output = lanes of v (+ d's old values when
+// accumulating), converted to scalar_t once.
+template <typename scalar_t>
+LORI_AVX512 inline void store_rows16(__m512 v, scalar_t* d, int n, bool accumulate) {
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, v);
+  for (int half = 0; half < 2; ++half) {
+    const int n8 = std::min(8, n - 8 * half);
+    if (n8 <= 0) break;
+    __m256 v8 = _mm256_load_ps(sums + 8 * half);
+    scalar_t* dh = d + 8 * half;
+    if (accumulate) v8 = _mm256_add_ps(v8, n8 == 8 ? load8(dh) : load_partial(dh, n8));
+    if (n8 == 8) {
+      store8(dh, v8);
+    } else {
+      store_partial(dh, v8, n8);
+    }
+  }
+}
+
 // Each 16 mask bits expand 16 packed values into a dense vector (vexpandps reads exactly
 // popcount values: no read past the chunk), times h's matching 16 entries; 16 rows at a time
 // reduce through reduce16.
@@ -237,7 +257,6 @@ LORI_AVX512 int64_t expand_nt(const BView& b, int64_t rank, int64_t nnz, const f
   const __m512 vscale = _mm512_set1_ps(scale);
   int32_t starts[kRowChunk + 1];
   __m512 racc[NT][16];
-  alignas(64) float sums[16];
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t row0 = c * kRowChunk, row1 = std::min(b.out, row0 + kRowChunk);
     const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
@@ -276,21 +295,9 @@ LORI_AVX512 int64_t expand_nt(const BView& b, int64_t rank, int64_t nnz, const f
         for (int t = 0; t < NT; ++t) racc[t][i] = acc[t];
       }
       for (int t = 0; t < NT; ++t) {
-        _mm512_store_ps(sums, _mm512_mul_ps(reduce16(racc[t]), vscale));
         const int64_t tt = tok ? tok[t] : t;
-        scalar_t* dst = y + tt * b.out + i0;
-        for (int half = 0; half < 2; ++half) {
-          const int n8 = std::min(8, no - 8 * half);
-          if (n8 <= 0) break;
-          __m256 v8 = _mm256_load_ps(sums + 8 * half);
-          scalar_t* d = dst + 8 * half;
-          if (accumulate) v8 = _mm256_add_ps(v8, n8 == 8 ? load8(d) : load_partial(d, n8));
-          if (n8 == 8) {
-            store8(d, v8);
-          } else {
-            store_partial(d, v8, n8);
-          }
-        }
+        store_rows16(_mm512_mul_ps(reduce16(racc[t]), vscale), y + tt * b.out + i0, no,
+                     accumulate);
       }
     }
   }
@@ -310,7 +317,6 @@ LORI_AVX512 int64_t expand_1t_w1(const BView& b, int64_t rank, int64_t nnz, cons
   const __m512 h0 = _mm512_loadu_ps(h), h1 = _mm512_loadu_ps(h + 16);
   alignas(64) int32_t starts[kRowChunk];
   alignas(64) uint32_t words[kRowChunk];
-  alignas(64) float sums[16];
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t row0 = c * kRowChunk, n = std::min<int64_t>(kRowChunk, b.out - row0);
     const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
@@ -351,21 +357,8 @@ LORI_AVX512 int64_t expand_1t_w1(const BView& b, int64_t rank, int64_t nnz, cons
         const __m512 d1 = _mm512_maskz_expandloadu_ps(k1, v + __builtin_popcount(m & 0xffffu));
         acc[i] = _mm512_fmadd_ps(d1, h1, _mm512_mul_ps(d0, h0));
       }
-      _mm512_store_ps(sums, _mm512_mul_ps(reduce16(acc), vscale));
-      scalar_t* dst = y + row0 + i0;
-      const int no = static_cast<int>(std::min<int64_t>(16, n - i0));
-      for (int half = 0; half < 2; ++half) {
-        const int n8 = std::min(8, no - 8 * half);
-        if (n8 <= 0) break;
-        __m256 v8 = _mm256_load_ps(sums + 8 * half);
-        scalar_t* d = dst + 8 * half;
-        if (accumulate) v8 = _mm256_add_ps(v8, n8 == 8 ? load8(d) : load_partial(d, n8));
-        if (n8 == 8) {
-          store8(d, v8);
-        } else {
-          store_partial(d, v8, n8);
-        }
-      }
+      store_rows16(_mm512_mul_ps(reduce16(acc), vscale), y + row0 + i0,
+                   static_cast<int>(std::min<int64_t>(16, n - i0)), accumulate);
     }
   }
   return -1;
