@@ -240,8 +240,9 @@ at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {
   // MKL runs x (T, kt) @ A_tile^T faster than A_tile @ x^T here: compute h (T, rank), then
   // transpose the small result into hT.
   at::Tensor hm = at::empty({T, rank}, hT.options());
-  for (int64_t k0 = 0; k0 < in; k0 += kGemmTile) {
-    const int64_t kt = std::min(kGemmTile, in - k0);
+  const int64_t tile = gemm_tile(rank);
+  for (int64_t k0 = 0; k0 < in; k0 += tile) {
+    const int64_t kt = std::min(tile, in - k0);
     at::Tensor at_ = at::empty({rank, kt}, hT.options());
     float* ap = at_.data_ptr<float>();
     at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {

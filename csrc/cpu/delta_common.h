@@ -2,14 +2,22 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+
 #include "../checks.h"
 
 namespace lori::cpu {
 
 // Up to this many tokens, A is generated row by row into L1 and dotted with x by hand;
-// above it, A is generated in column tiles of kGemmTile and multiplied with MKL.
+// above it, A is generated in column tiles of gemm_tile(rank) and multiplied with MKL.
 constexpr int64_t kDirectMaxTokens = 16;
-constexpr int64_t kGemmTile = 1024;  // multiple of 128: tiles start on Philox block edges
+// Columns per A tile in the GEMM paths: ~512 KB of fp32 A (L2-resident), between 1024 and
+// 4096 columns; always a multiple of 128, so tiles start on Philox block edges. Fewer, larger
+// tiles mean fewer fork/joins and GEMM calls (rank 32: one 4096-column tile).
+inline int64_t gemm_tile(int64_t rank) {
+  const int64_t cols = (int64_t{128} * 1024) / (rank > 0 ? rank : 1);
+  return std::clamp<int64_t>(cols & ~int64_t{127}, 1024, 4096);
+}
 
 inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
 
@@ -71,8 +79,9 @@ at::Tensor dense_b(const at::Tensor& mask, const at::Tensor& values, int64_t ran
 // Calls f(k0, A[:, k0:k0+kt]) for column tiles of A, in dtype.
 template <typename F>
 void for_a_tiles(const DeltaShape& s, at::ScalarType dtype, F&& f) {
-  for (int64_t k0 = 0; k0 < s.in_features; k0 += kGemmTile) {
-    const int64_t kt = std::min(kGemmTile, s.in_features - k0);
+  const int64_t tile = gemm_tile(s.rank);
+  for (int64_t k0 = 0; k0 < s.in_features; k0 += tile) {
+    const int64_t kt = std::min(tile, s.in_features - k0);
     at::Tensor a = at::empty({s.rank, kt}, at::TensorOptions().dtype(at::kFloat));
     float* ap = a.data_ptr<float>();
     at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {

@@ -151,8 +151,9 @@ void grad_x_from_gh(const at::Tensor& ghT, const DeltaShape& s, int64_t T, const
     });
     return;
   }
-  for (int64_t k0 = 0; k0 < in; k0 += kGemmTile) {
-    const int64_t kt = std::min(kGemmTile, in - k0);
+  const int64_t tile = gemm_tile(rank);
+  for (int64_t k0 = 0; k0 < in; k0 += tile) {
+    const int64_t kt = std::min(tile, in - k0);
     at::Tensor a = at::empty({rank, kt}, ghT.options());
     float* ap = a.data_ptr<float>();
     at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
