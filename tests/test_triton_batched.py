@@ -20,7 +20,8 @@ pytest.importorskip("triton")
 import lori_kernels as L  # noqa: E402
 import lori_kernels.triton as LT  # noqa: E402
 from lori_kernels import reference  # noqa: E402
-from lori_kernels.testing import random_packed, tolerance_bound  # noqa: E402
+from lori_kernels.testing import (check_compile_fullgraph, random_packed,  # noqa: E402
+                                   tolerance_bound)
 
 from batched_cases import (BAD_ARGUMENTS, MIXES, check_rule, loop_references,  # noqa: E402
                            make_pool, mix_ids, mutate_arg)
@@ -309,17 +310,7 @@ def test_torch_compile_fullgraph():
                                              dists, rank)
         return torch.nn.functional.gelu(y).sum()
 
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(5, IN, generator=g).to(DEVICE).requires_grad_()
-    v = values.clone().requires_grad_()
-    out = cf(x, v)
-    out.backward()
-    x2, v2 = x.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    ref = f(x2, v2)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(v.grad, v2.grad)
+    check_compile_fullgraph(f, torch.randn(5, IN, generator=g).to(DEVICE), values.clone())
 
 
 # ---- bad input: the C++ op's errors, never an out-of-bounds read -------------------------------
