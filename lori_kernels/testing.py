@@ -89,3 +89,18 @@ def bad_delta_arguments(device="cpu"):
         (lambda a: a.__setitem__(0, torch.tensor(1.0, device=device)), ValueError,
          "at least 1 dimension"),
     ]
+
+
+def check_compile_fullgraph(f, x: torch.Tensor, v: torch.Tensor) -> None:
+    """f(x, v) (a scalar; v an op's values) compiled with fullgraph=True on the aot_eager
+    backend gives eager's value and gradients for x and v. x and v become leaves that require
+    grad."""
+    x, v = x.requires_grad_(), v.requires_grad_()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, v)
+    out.backward()
+    x2, v2 = x.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    ref = f(x2, v2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(v.grad, v2.grad)

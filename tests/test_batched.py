@@ -7,77 +7,14 @@ import torch
 
 import lori_kernels as L
 from lori_kernels import reference
-from lori_kernels.testing import random_packed, tolerance_bound
+from lori_kernels.testing import check_compile_fullgraph, random_packed, tolerance_bound
 
-IN, OUT, RANK = 256, 320, 32
-DISTS = ["rademacher", "uniform"]
+from batched_cases import (BAD_ARGUMENTS, IN, MIXES, OUT, RANK, _a64, check_rule,
+                           loop_references, make_pool, mix_ids)
 
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-@functools.lru_cache(maxsize=None)
-def _a64(seed, rank, inp, dist):
-    return reference.random_a(seed, rank, inp, dist).double()
-
-
-def make_pool(n, inp=IN, out=OUT, rank=RANK, dtype=torch.float32, seed=0, **kw):
-    """n adapters differing in sparsity, seed, distribution and scale."""
-    g = _gen(seed)
-    pool = L.AdapterPool(inp, out, rank, dtype=dtype, **kw)
-    for i in range(n):
-        b = random_packed(out, rank, density=0.03 + 0.2 * (i % 5) / 4, generator=g, dtype=dtype)
-        pool.add(f"a{i}", b, seed=1000 * seed + 17 * i + 3, distribution=DISTS[i % 2],
-                 scale=0.25 + 0.5 * (i % 3))
-    return pool
-
-
-def mix_ids(mix, T, n, idle, g):
-    if mix == "distinct":
-        ids = torch.randperm(max(T, n), generator=g)[:T] % n
-    elif mix == "uniform8":
-        ids = torch.randint(0, min(8, n), (T,), generator=g)
-    elif mix == "zipf64":
-        p = 1.0 / torch.arange(1, min(64, n) + 1, dtype=torch.float64) ** 1.5
-        ids = torch.multinomial(p, T, replacement=True, generator=g) if T else torch.zeros(0, dtype=torch.long)
-    else:  # identical
-        ids = torch.full((T,), n // 2, dtype=torch.long)
-    if idle and T:
-        ids = torch.where(torch.rand(T, generator=g) < 0.2, -1, ids)
-    return ids
-
-
-def loop_references(x, ids, pool):
-    """(loop of single-adapter sparse_delta, float64 reference, plain-torch baseline) per token."""
-    T = x.shape[0]
-    loop = torch.zeros(T, pool.out_features, dtype=x.dtype)
-    ref = torch.zeros(T, pool.out_features, dtype=torch.float64)
-    base = torch.zeros(T, pool.out_features, dtype=x.dtype)
-    for a in ids.unique().tolist():
-        if a < 0:
-            continue
-        e = pool.get(pool._names[a])
-        sel = (ids == a).nonzero().flatten()
-        xs = x[sel]
-        loop[sel] = L.sparse_delta(xs, e.packed, seed=e.seed, distribution=e.distribution,
-                                   scale=e.scale)
-        a64 = _a64(e.seed, pool.rank, x.shape[1], e.distribution)
-        bd = e.packed.to_dense()
-        ref[sel] = (xs.double() @ a64.T) @ bd.double().T * e.scale
-        base[sel] = reference.dense_lora(xs, a64.to(x.dtype), bd.to(x.dtype), e.scale)
-    return loop, ref, base
-
-
-def check_rule(y, loop, ref, base, what=""):
-    assert y.shape == ref.shape and y.dtype == loop.dtype
-    if y.numel() == 0:
-        return
-    bound = tolerance_bound(ref, base)
-    err = (y.double() - ref).abs().max().item()
-    assert err <= bound, f"{what}: error vs float64 {err:.3e} > bound {bound:.3e}"
-    diff = (y.double() - loop.double()).abs().max().item()
-    assert diff <= bound, f"{what}: differs from the sparse_delta loop by {diff:.3e} > {bound:.3e}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +27,7 @@ def _pool64(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [0, 1, 7, 513])
 @pytest.mark.parametrize("idle", [False, True])
-@pytest.mark.parametrize("mix", ["distinct", "uniform8", "zipf64", "identical"])
+@pytest.mark.parametrize("mix", MIXES)
 def test_forward_mixes(mix, idle, T, dtype):
     g = _gen(T * 7 + len(mix))
     pool = _pool64(dtype)
@@ -300,17 +237,7 @@ def test_torch_compile_fullgraph():
                                                 dists, rank)
         return torch.nn.functional.gelu(y).sum()
 
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(5, 48, generator=g, requires_grad=True)
-    v = values.clone().requires_grad_()
-    out = cf(x, v)
-    out.backward()
-    x2, v2 = x.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    ref = f(x2, v2)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(v.grad, v2.grad)
+    check_compile_fullgraph(f, torch.randn(5, 48, generator=g), values.clone())
 
 
 # ---- errors: never an out-of-bounds read ------------------------------------------------------
@@ -333,29 +260,7 @@ def test_adapter_id_out_of_range(bad_id):
         pool.ids([0, bad_id])
 
 
-def _mutate(i, fn):
-    return lambda a: a.__setitem__(i, fn(a[i]))
-
-
-@pytest.mark.parametrize("mutate,exc,msg", [
-    (_mutate(1, lambda t: t.float()), TypeError, "adapter_ids must be int32 or int64"),
-    (_mutate(1, lambda t: t[:-1]), ValueError, "adapter_ids must have shape"),
-    (_mutate(2, lambda t: t[:, :, :0]), ValueError, "masks must have shape"),
-    (_mutate(2, lambda t: t.long()), TypeError, "masks must be int32"),
-    (_mutate(3, lambda t: t.double()), TypeError, "values dtype"),
-    (_mutate(4, lambda t: t[:-1]), ValueError, "value_starts must have shape"),
-    (_mutate(4, lambda t: t.int()), TypeError, "value_starts must be"),
-    (_mutate(5, lambda t: t[:, :-1]), ValueError, "offsets must have shape"),
-    (_mutate(6, lambda t: t.int()), TypeError, "seeds must be"),
-    (_mutate(7, lambda t: t.double()), TypeError, "scales must be"),
-    (_mutate(8, lambda t: t[:2]), ValueError, "distributions must have shape"),
-    (_mutate(8, lambda t: t + 5), ValueError, "distributions\\[0\\] = 6"),
-    (_mutate(9, lambda r: 64), ValueError, "masks must have shape"),   # pool rank 32, op told 64
-    (_mutate(9, lambda r: 0), ValueError, "rank must be in"),
-    (_mutate(4, lambda t: t + 10**6), ValueError, "do not lie within the values buffer"),
-    (_mutate(4, lambda t: t - 1), ValueError, "do not lie within the values buffer"),
-    (_mutate(5, lambda t: t + 1), ValueError, "offsets\\[0, 0\\] must be 0"),
-])
+@pytest.mark.parametrize("mutate,exc,msg", BAD_ARGUMENTS)
 def test_bad_arguments_raise_clear_errors(mutate, exc, msg):
     pool = make_pool(3, seed=13)
     a = _op_args(pool)

@@ -18,6 +18,8 @@ from lori_kernels import reference, spec
 from lori_kernels.packing import pack_bitmask
 from lori_kernels.testing import random_packed, tolerance_bound
 
+from batched_cases import MIXES, make_pool, mix_ids, mutate_arg
+
 ops = torch.ops.lori
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -412,18 +414,12 @@ def test_corrupt_b_never_reads_out_of_bounds():
 # same dtype on the GPU is the yardstick) and against the CPU op on the same pool and tokens.
 
 B_IN, B_OUT, B_RANK = 256, 320, 32
-B_DISTS = ["rademacher", "uniform"]
 
 
 def _bpool(n, inp, out, rank, dtype, seed, device):
-    """n adapters differing in sparsity, seed, distribution and scale (as tests/test_batched.py)."""
-    g = torch.Generator().manual_seed(seed)
-    pool = lori_kernels.AdapterPool(inp, out, rank, dtype=dtype)
-    for i in range(n):
-        b = random_packed(out, rank, density=0.03 + 0.2 * (i % 5) / 4, generator=g, dtype=dtype)
-        pool.add(f"a{i}", b, seed=1000 * seed + 17 * i + 3, distribution=B_DISTS[i % 2],
-                 scale=0.25 + 0.5 * (i % 3))
-    return pool.to(device)
+    """tests/batched_cases.py's make_pool (n adapters differing in sparsity, seed, distribution
+    and scale), on device."""
+    return make_pool(n, inp, out, rank, dtype=dtype, seed=seed).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,22 +434,6 @@ def _bref_a(seed: int, rank: int, in_features: int, distribution: str) -> torch.
     """A in fp32 from the C++ CPU kernel: bit-identical to reference.random_a (test_spec.py and
     test_random_a_bit_identical check it) and ~300x faster at 32 x 4096."""
     return lori_kernels.random_a(seed, rank, in_features, distribution=distribution)
-
-
-def _mix_ids(mix, T, n, idle, g):
-    if mix == "distinct":
-        ids = torch.randperm(max(T, n), generator=g)[:T] % n
-    elif mix == "uniform8":
-        ids = torch.randint(0, min(8, n), (T,), generator=g)
-    elif mix == "zipf64":
-        p = 1.0 / torch.arange(1, min(64, n) + 1, dtype=torch.float64) ** 1.5
-        ids = (torch.multinomial(p, T, replacement=True, generator=g) if T
-               else torch.zeros(0, dtype=torch.long))
-    else:  # identical
-        ids = torch.full((T,), n // 2, dtype=torch.long)
-    if idle and T:
-        ids = torch.where(torch.rand(T, generator=g) < 0.2, -1, ids)
-    return ids
 
 
 def _bargs(pool, x, ids, values=None):
@@ -503,11 +483,11 @@ def _bcheck(y, x, ids, pools, what=""):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [0, 1, 7, 513])
 @pytest.mark.parametrize("idle", [False, True])
-@pytest.mark.parametrize("mix", ["distinct", "uniform8", "zipf64", "identical"])
+@pytest.mark.parametrize("mix", MIXES)
 def test_batched_forward_mixes(mix, idle, T, dtype):
     pools = _bpools(64, dtype=dtype)
     g = torch.Generator().manual_seed(T * 7 + len(mix))
-    ids = _mix_ids(mix, T, 64, idle, g).to(torch.int32)
+    ids = mix_ids(mix, T, 64, idle, g).to(torch.int32)
     x = torch.randn(T, B_IN, generator=g).to(dtype).cuda()
     y = torch.ops.lori.batched_sparse_delta(*_bargs(pools[1], x, ids.cuda()))
     _bcheck(y, x, ids, pools, f"{mix} idle={idle} T={T}")
@@ -587,7 +567,7 @@ def test_batched_deterministic_and_unvalidated_path(monkeypatch):
     bound, so the split-K slicing may differ) stays within the rule."""
     pools = _bpools(64, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(8)
-    ids = _mix_ids("zipf64", 300, 64, True, g).cuda()
+    ids = mix_ids("zipf64", 300, 64, True, g).cuda()
     x = torch.randn(300, B_IN, generator=g).bfloat16().cuda()
     gy = torch.randn(300, B_OUT, generator=g).bfloat16().cuda()
     args = _bargs(pools[1], x, ids)
@@ -638,7 +618,7 @@ def test_batched_backward(mix, T, dtype):
     n = 12
     pools = _bpools(n, dtype=dtype, seed=9)
     g = torch.Generator().manual_seed(T + len(mix))
-    ids = _mix_ids(mix, T, n, True, g)
+    ids = mix_ids(mix, T, n, True, g)
     x = torch.randn(T, B_IN, generator=g).to(dtype)
     gy = torch.randn(T, B_OUT, generator=g).to(dtype)
     gx, gv = torch.ops.lori.batched_sparse_delta_backward(
@@ -768,26 +748,22 @@ def test_batched_adapter_id_out_of_range(bad_id):
         torch.ops.lori.batched_sparse_delta(*a)
 
 
-def _mut(i, fn):
-    return lambda a: a.__setitem__(i, fn(a[i]))
-
-
 @needs_cuda
 @pytest.mark.parametrize("mutate,exc,msg", [
-    (_mut(1, lambda t: t.float()), TypeError, "adapter_ids must be int32 or int64"),
-    (_mut(1, lambda t: t[:-1]), ValueError, "adapter_ids must have shape"),
-    (_mut(2, lambda t: t[:, :, :0]), ValueError, "masks must have shape"),
-    (_mut(3, lambda t: t.double()), TypeError, "values dtype"),
-    (_mut(4, lambda t: t[:-1]), ValueError, "value_starts must have shape"),
-    (_mut(5, lambda t: t[:, :-1]), ValueError, "offsets must have shape"),
-    (_mut(7, lambda t: t.double()), TypeError, "scales must be"),
-    (_mut(8, lambda t: t + 5), ValueError, "distributions\\[0\\] = 6"),
-    (_mut(9, lambda r: 64), ValueError, "masks must have shape"),
-    (_mut(4, lambda t: t + 10**6), ValueError, "do not lie within the values buffer"),
-    (_mut(4, lambda t: t - 1), ValueError, "do not lie within the values buffer"),
-    (_mut(5, lambda t: t + 1), ValueError, "offsets\\[0, 0\\] must be 0"),
-    (_mut(2, lambda t: t.cpu()), RuntimeError, "masks is on cpu but x is on cuda"),
-    (_mut(1, lambda t: t.cpu()), RuntimeError, "adapter_ids is on cpu but x is on cuda"),
+    (mutate_arg(1, lambda t: t.float()), TypeError, "adapter_ids must be int32 or int64"),
+    (mutate_arg(1, lambda t: t[:-1]), ValueError, "adapter_ids must have shape"),
+    (mutate_arg(2, lambda t: t[:, :, :0]), ValueError, "masks must have shape"),
+    (mutate_arg(3, lambda t: t.double()), TypeError, "values dtype"),
+    (mutate_arg(4, lambda t: t[:-1]), ValueError, "value_starts must have shape"),
+    (mutate_arg(5, lambda t: t[:, :-1]), ValueError, "offsets must have shape"),
+    (mutate_arg(7, lambda t: t.double()), TypeError, "scales must be"),
+    (mutate_arg(8, lambda t: t + 5), ValueError, "distributions\\[0\\] = 6"),
+    (mutate_arg(9, lambda r: 64), ValueError, "masks must have shape"),
+    (mutate_arg(4, lambda t: t + 10**6), ValueError, "do not lie within the values buffer"),
+    (mutate_arg(4, lambda t: t - 1), ValueError, "do not lie within the values buffer"),
+    (mutate_arg(5, lambda t: t + 1), ValueError, "offsets\\[0, 0\\] must be 0"),
+    (mutate_arg(2, lambda t: t.cpu()), RuntimeError, "masks is on cpu but x is on cuda"),
+    (mutate_arg(1, lambda t: t.cpu()), RuntimeError, "adapter_ids is on cpu but x is on cuda"),
 ])
 def test_batched_bad_arguments_raise_clear_errors(mutate, exc, msg):
     a = _bad_args()

@@ -20,8 +20,8 @@ import lori_kernels as L  # noqa: E402
 import lori_kernels.triton as LT  # noqa: E402
 from lori_kernels import reference, spec  # noqa: E402
 from lori_kernels.testing import (  # noqa: E402
-    assert_within_rule, bad_delta_arguments, baseline_grads, dense_lora_baseline, random_packed,
-    reference_grads)
+    assert_within_rule, bad_delta_arguments, baseline_grads, check_compile_fullgraph,
+    dense_lora_baseline, random_packed, reference_grads)
 
 if LT.import_error is not None and not isinstance(LT.import_error, ImportError):
     raise LT.import_error  # a bug in the backend, not a missing dependency
@@ -422,23 +422,12 @@ def test_opcheck_random_a_fill():
 def test_torch_compile_fullgraph():
     g = _gen(2)
     b = _dev(random_packed(64, 16, generator=g))
-    values = b.values.clone().requires_grad_()
 
     def f(x, v):
         y = _ops.triton_sparse_delta(x, b.mask, v, b.offsets, 16, 11, "rademacher", 2.0)
         return torch.nn.functional.gelu(y).sum()
 
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(5, 48, generator=g).to(DEVICE).requires_grad_()
-    out = cf(x, values)
-    out.backward()
-    x2 = x.detach().clone().requires_grad_()
-    v2 = values.detach().clone().requires_grad_()
-    ref = f(x2, v2)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(values.grad, v2.grad)
+    check_compile_fullgraph(f, torch.randn(5, 48, generator=g).to(DEVICE), b.values.clone())
 
 
 # ---- bad input ---------------------------------------------------------------------------------

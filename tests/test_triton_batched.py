@@ -20,9 +20,11 @@ pytest.importorskip("triton")
 import lori_kernels as L  # noqa: E402
 import lori_kernels.triton as LT  # noqa: E402
 from lori_kernels import reference  # noqa: E402
-from lori_kernels.testing import random_packed, tolerance_bound  # noqa: E402
+from lori_kernels.testing import (check_compile_fullgraph, random_packed,  # noqa: E402
+                                   tolerance_bound)
 
-from test_batched import check_rule, loop_references, make_pool, mix_ids  # noqa: E402
+from batched_cases import (BAD_ARGUMENTS, MIXES, check_rule, loop_references,  # noqa: E402
+                           make_pool, mix_ids, mutate_arg)
 
 if LT.import_error is not None and not isinstance(LT.import_error, ImportError):
     raise LT.import_error
@@ -94,7 +96,7 @@ def test_group_tokens_tables(block_t):
 # T = 513 only with -1 ids mixed in: the interpreter spends seconds per such call.
 @pytest.mark.parametrize("T,idle", [(0, False), (1, False), (1, True), (7, False), (7, True),
                                     (513, True)])
-@pytest.mark.parametrize("mix", ["distinct", "uniform8", "zipf64", "identical"])
+@pytest.mark.parametrize("mix", MIXES)
 def test_forward_mixes(mix, idle, T):
     g = _gen(T * 7 + len(mix) + idle)
     pool = _pool64(torch.float32)
@@ -308,17 +310,7 @@ def test_torch_compile_fullgraph():
                                              dists, rank)
         return torch.nn.functional.gelu(y).sum()
 
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(5, IN, generator=g).to(DEVICE).requires_grad_()
-    v = values.clone().requires_grad_()
-    out = cf(x, v)
-    out.backward()
-    x2, v2 = x.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    ref = f(x2, v2)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(v.grad, v2.grad)
+    check_compile_fullgraph(f, torch.randn(5, IN, generator=g).to(DEVICE), values.clone())
 
 
 # ---- bad input: the C++ op's errors, never an out-of-bounds read -------------------------------
@@ -345,30 +337,10 @@ def test_adapter_id_out_of_range(bad_id):
     _both(a, ValueError, f"adapter_ids\\[1\\] = {bad_id} is out of range for a pool of 4")
 
 
-def _mutate(i, fn):
-    return lambda a: a.__setitem__(i, fn(a[i]))
-
-
 @pytest.mark.parametrize("mutate,exc,msg", [
-    (_mutate(0, lambda t: t.to(torch.int32)), TypeError, "x must be float"),
-    (_mutate(1, lambda t: t.float()), TypeError, "adapter_ids must be int32 or int64"),
-    (_mutate(1, lambda t: t[:-1]), ValueError, "adapter_ids must have shape"),
-    (_mutate(2, lambda t: t[:, :, :0]), ValueError, "masks must have shape"),
-    (_mutate(2, lambda t: t.long()), TypeError, "masks must be int32"),
-    (_mutate(3, lambda t: t.double()), TypeError, "values dtype"),
-    (_mutate(4, lambda t: t[:-1]), ValueError, "value_starts must have shape"),
-    (_mutate(4, lambda t: t.int()), TypeError, "value_starts must be"),
-    (_mutate(5, lambda t: t[:, :-1]), ValueError, "offsets must have shape"),
-    (_mutate(6, lambda t: t.int()), TypeError, "seeds must be"),
-    (_mutate(7, lambda t: t.double()), TypeError, "scales must be"),
-    (_mutate(8, lambda t: t[:2]), ValueError, "distributions must have shape"),
-    (_mutate(8, lambda t: t + 5), ValueError, "distributions\\[0\\] = 6"),
-    (_mutate(9, lambda r: 64), ValueError, "masks must have shape"),   # pool rank 16, op told 64
-    (_mutate(9, lambda r: 0), ValueError, "rank must be in"),
-    (_mutate(4, lambda t: t + 10**6), ValueError, "do not lie within the values buffer"),
-    (_mutate(4, lambda t: t - 1), ValueError, "do not lie within the values buffer"),
-    (_mutate(5, lambda t: t + 1), ValueError, "offsets\\[0, 0\\] must be 0"),
-    (_mutate(3, lambda t: t.to("meta")), RuntimeError, "values is on meta"),
+    (mutate_arg(0, lambda t: t.to(torch.int32)), TypeError, "x must be float"),
+    *BAD_ARGUMENTS,
+    (mutate_arg(3, lambda t: t.to("meta")), RuntimeError, "values is on meta"),
 ])
 def test_bad_arguments_raise_clear_errors(mutate, exc, msg):
     a = _op_args(make_pool(3, inp=IN, out=OUT, rank=RANK, seed=41))

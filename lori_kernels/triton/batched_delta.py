@@ -50,7 +50,8 @@ from .. import spec
 from .philox import cast_rne, key_from_seed
 from .random_a import a_tile_any
 from .sparse_delta_fwd import (acc_dtype_for, b_row_starts, b_tile, b_tile_index, config,
-                               load_split_sum, mm, pick_split)
+                               load_rows, load_split_sum, mm, plan_split, split_tiles,
+                               store_split_part)
 
 NO_WORK = -2   # adapter entry of unused table rows
 IDLE = -1      # tokens without an adapter
@@ -145,18 +146,14 @@ def shrink_kernel(x_ptr, perm_ptr, work_ptr, seeds_ptr, dists_ptr, h_ptr, T, K, 
     tok = tl.load(perm_ptr + offs_p, mask=t_ok, other=0)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt
     acc = tl.zeros((BLOCK_T, BLOCK_R), ACC)
-    kt0 = pid_s * tiles_per_split
-    kt1 = tl.minimum(kt0 + tiles_per_split, n_ktiles)
+    kt0, kt1 = split_tiles(pid_s, tiles_per_split, n_ktiles)
     for kt in range(kt0, kt1):
         col0 = kt * BLOCK_K
         offs_k = col0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
-                     mask=t_ok[:, None] & (offs_k < K)[None, :], other=0)
+        xt = load_rows(x_rows, offs_k, stride_xk, K, t_ok)
         at = a_tile_any(key0, key1, rows, col0, dist, mag_r, mag_u, BLOCK_R, BLOCK_K)
         acc += mm(xt, tl.trans(cast_rne(at, DOT)), ACC)
-    ptrs = h_ptr + pid_s.to(tl.int64) * T * rank + offs_p.to(tl.int64)[:, None] * rank \
-        + rows[None, :]
-    tl.store(ptrs, acc, mask=t_ok[:, None] & (rows < rank)[None, :])
+    store_split_part(h_ptr, pid_s, T, offs_p, rows, rank, acc, t_ok)
 
 
 @triton.jit
@@ -215,20 +212,16 @@ def gy_b_kernel(gy_ptr, perm_ptr, work_ptr, masks_ptr, values_ptr, vstarts_ptr, 
                                            n_values, WORDS)
     gy_rows = gy_ptr + tok[:, None] * stride_gt
     acc = tl.zeros((BLOCK_T, BLOCK_R), ACC)
-    ot0 = pid_s * tiles_per_split
-    ot1 = tl.minimum(ot0 + tiles_per_split, n_otiles)
+    ot0, ot1 = split_tiles(pid_s, tiles_per_split, n_otiles)
     for ot in range(ot0, ot1):
         o0 = ot * BLOCK_O
         offs_o = o0 + tl.arange(0, BLOCK_O)
         row_start = b_row_starts(mask_a, off_a, o0, offs_o, n_out, WORDS, BLOCK_O)
         bv = b_tile(mask_a, values_ptr + vstart, row_start, offs_o, offs_r, n_out, rank, nnz,
                     WORDS, BLOCK_O, BLOCK_R)
-        g = tl.load(gy_rows + offs_o.to(tl.int64)[None, :] * stride_go,
-                    mask=t_ok[:, None] & (offs_o < n_out)[None, :], other=0)
+        g = load_rows(gy_rows, offs_o, stride_go, n_out, t_ok)
         acc += mm(g, bv, ACC)
-    ptrs = gh_ptr + pid_s.to(tl.int64) * T * rank + offs_p.to(tl.int64)[:, None] * rank \
-        + offs_r[None, :]
-    tl.store(ptrs, acc, mask=t_ok[:, None] & (offs_r < rank)[None, :])
+    store_split_part(gh_ptr, pid_s, T, offs_p, offs_r, rank, acc, t_ok)
 
 
 @triton.jit
@@ -311,9 +304,7 @@ def _shrink(x2, groups, seeds, dists, rank, acc, cfg, interpret):
     T, K = x2.shape
     W = groups.work.shape[0]
     n_r, n_k = triton.cdiv(rank, cfg.block_r), triton.cdiv(K, cfg.block_k)
-    split = pick_split(cfg, W * n_r, n_k, x2.device, interpret)
-    per = triton.cdiv(n_k, split)
-    split = triton.cdiv(n_k, per)
+    split, per = plan_split(cfg, W * n_r, n_k, x2.device, interpret)
     h = torch.empty((split, T, rank), dtype=acc, device=x2.device)
     shrink_kernel[(W, n_r, split)](
         x2, groups.perm, groups.work, seeds, dists, h, T, K, rank, x2.stride(0), x2.stride(1),
@@ -364,9 +355,7 @@ def batched_bwd(grad_y, x, ids, masks, values, value_starts, offsets, seeds, sca
     n_r, n_o = triton.cdiv(rank, cfg.block_r), triton.cdiv(O, cfg.block_o)
     words = spec.mask_words(rank)
     if need_x:
-        split = pick_split(cfg, W * n_r, n_o, x.device, interpret)
-        per = triton.cdiv(n_o, split)
-        split = triton.cdiv(n_o, per)
+        split, per = plan_split(cfg, W * n_r, n_o, x.device, interpret)
         gh = torch.empty((split, T, rank), dtype=acc, device=x.device)
         gy_b_kernel[(W, n_r, split)](
             gy2, groups.perm, groups.work, masks, values, value_starts, offsets, gh, T, O, rank,

@@ -22,7 +22,8 @@ from .. import spec
 from .philox import cast_rne, key_args, key_u32
 from .random_a import a_tile
 from .sparse_delta_fwd import (acc_dtype_for, b_row_starts, b_tile, b_tile_index, config,
-                               load_split_sum, mm, pick_split, shrink)
+                               load_rows, load_split_sum, mm, plan_split, shrink,
+                               split_tiles, store_split_part)
 
 
 @triton.jit
@@ -40,20 +41,16 @@ def gy_b_kernel(gy_ptr, mask_ptr, values_ptr, offsets_ptr, gh_ptr, T, n_out, ran
     t_ok = offs_t < T
     gy_rows = gy_ptr + offs_t.to(tl.int64)[:, None] * stride_gt
     acc = tl.zeros((BLOCK_T, BLOCK_R), ACC)
-    ot0 = pid_s * tiles_per_split
-    ot1 = tl.minimum(ot0 + tiles_per_split, n_otiles)
+    ot0, ot1 = split_tiles(pid_s, tiles_per_split, n_otiles)
     for ot in range(ot0, ot1):
         o0 = ot * BLOCK_O
         offs_o = o0 + tl.arange(0, BLOCK_O)
         row_start = b_row_starts(mask_ptr, offsets_ptr, o0, offs_o, n_out, WORDS, BLOCK_O)
         bv = b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz, WORDS,
                     BLOCK_O, BLOCK_R)
-        g = tl.load(gy_rows + offs_o.to(tl.int64)[None, :] * stride_go,
-                    mask=t_ok[:, None] & (offs_o < n_out)[None, :], other=0)
+        g = load_rows(gy_rows, offs_o, stride_go, n_out, t_ok)
         acc += mm(g, bv, ACC)
-    ptrs = gh_ptr + pid_s.to(tl.int64) * T * rank + offs_t.to(tl.int64)[:, None] * rank \
-        + offs_r[None, :]
-    tl.store(ptrs, acc, mask=t_ok[:, None] & (offs_r < rank)[None, :])
+    store_split_part(gh_ptr, pid_s, T, offs_t, offs_r, rank, acc, t_ok)
 
 
 @triton.jit
@@ -102,8 +99,7 @@ def gv_kernel(gy_ptr, h_ptr, mask_ptr, offsets_ptr, gv_ptr, T, n_out, rank, nnz,
     o_ok = offs_o < n_out
     r_ok = offs_r < rank
     acc = tl.zeros((BLOCK_O, BLOCK_R), ACC)
-    tt0 = pid_s * tiles_per_split
-    tt1 = tl.minimum(tt0 + tiles_per_split, n_ttiles)
+    tt0, tt1 = split_tiles(pid_s, tiles_per_split, n_ttiles)
     for tt in range(tt0, tt1):
         offs_t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
@@ -145,9 +141,7 @@ def sparse_delta_bwd(grad_y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     n_o = triton.cdiv(O, cfg.block_o)
     words = spec.mask_words(rank)
     if need_x:
-        split = pick_split(cfg, n_t * n_r, n_o, x.device, interpret)
-        per = triton.cdiv(n_o, split)
-        split = triton.cdiv(n_o, per)
+        split, per = plan_split(cfg, n_t * n_r, n_o, x.device, interpret)
         gh = torch.empty((split, T, rank), dtype=acc, device=x.device)
         gy_b_kernel[(n_t, n_r, split)](
             gy2, mask, values, offsets, gh, T, O, rank, values.numel(), gy2.stride(0),
@@ -164,9 +158,7 @@ def sparse_delta_bwd(grad_y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
         gv = torch.zeros_like(values)
     elif need_values:
         h, h_split = shrink(x.reshape(T, K), rank, seed, distribution, K, acc, interpret)
-        split = pick_split(cfg, n_o * n_r, n_t, x.device, interpret)
-        per = triton.cdiv(n_t, split)
-        split = triton.cdiv(n_t, per)
+        split, per = plan_split(cfg, n_o * n_r, n_t, x.device, interpret)
         # Every pattern entry lies in exactly one (out, rank) tile: each split writes all of its
         # row of gv_parts, so no zero fill is needed.
         gv_parts = torch.empty((split, values.numel()), dtype=acc, device=x.device)

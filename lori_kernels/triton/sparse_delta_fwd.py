@@ -105,6 +105,8 @@ def b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz,
     return tl.load(values_ptr + idx, mask=present & (idx >= 0) & (idx < nnz), other=0)
 
 
+# ---- split reductions and masked tile loads ------------------------------------------------
+
 @triton.jit
 def load_split_sum(ptr, n_split, split_stride, offs_t, offs_c, n_cols, mask):
     """sum_s ptr[s * split_stride + t * n_cols + c] over the n_split partial results of a split
@@ -115,6 +117,30 @@ def load_split_sum(ptr, n_split, split_stride, offs_t, offs_c, n_cols, mask):
         ptrs += split_stride
         acc += tl.load(ptrs, mask=mask, other=0)
     return acc
+
+
+@triton.jit
+def store_split_part(ptr, split, n_rows, offs_t, offs_c, n_cols, acc, t_ok):
+    """ptr[split, t, c] = acc for rows offs_t (where t_ok) and columns offs_c < n_cols of a
+    (n_split, n_rows, n_cols) buffer of partial results, the ones load_split_sum adds up."""
+    ptrs = ptr + split.to(tl.int64) * n_rows * n_cols + offs_t.to(tl.int64)[:, None] * n_cols \
+        + offs_c[None, :]
+    tl.store(ptrs, acc, mask=t_ok[:, None] & (offs_c < n_cols)[None, :])
+
+
+@triton.jit
+def split_tiles(pid_s, tiles_per_split, n_tiles):
+    """[first, end) tiles of split pid_s of a reduction over n_tiles tiles (see plan_split)."""
+    t0 = pid_s * tiles_per_split
+    return t0, tl.minimum(t0 + tiles_per_split, n_tiles)
+
+
+@triton.jit
+def load_rows(row_ptrs, offs_c, stride_c, n_cols, row_ok):
+    """Tile row_ptrs[i] + offs_c[j] * stride_c (row_ptrs a column of row pointers), 0 outside
+    the rows row_ok and columns [0, n_cols)."""
+    return tl.load(row_ptrs + offs_c.to(tl.int64)[None, :] * stride_c,
+                   mask=row_ok[:, None] & (offs_c < n_cols)[None, :], other=0)
 
 
 # ---- kernels --------------------------------------------------------------------------------
@@ -136,18 +162,14 @@ def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n
     t_ok = offs_t < T
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
     acc = tl.zeros((BLOCK_T, BLOCK_R), ACC)
-    kt0 = pid_s * tiles_per_split
-    kt1 = tl.minimum(kt0 + tiles_per_split, n_ktiles)
+    kt0, kt1 = split_tiles(pid_s, tiles_per_split, n_ktiles)
     for kt in range(kt0, kt1):
         col0 = kt * BLOCK_K
         offs_k = col0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
-                     mask=t_ok[:, None] & (offs_k < K)[None, :], other=0)
+        xt = load_rows(x_rows, offs_k, stride_xk, K, t_ok)
         a = cast_rne(a_tile(key0, key1, rows, col0, mag, DIST, BLOCK_R, BLOCK_K), DOT)
         acc += mm(xt, tl.trans(a), ACC)
-    ptrs = h_ptr + pid_s.to(tl.int64) * T * rank + offs_t.to(tl.int64)[:, None] * rank \
-        + rows[None, :]
-    tl.store(ptrs, acc, mask=t_ok[:, None] & (rows < rank)[None, :])
+    store_split_part(h_ptr, pid_s, T, offs_t, rows, rank, acc, t_ok)
 
 
 @triton.jit
@@ -246,6 +268,14 @@ def pick_split(cfg: Config, programs: int, n_tiles: int, device: torch.device,
     return max(1, min(want, n_tiles))
 
 
+def plan_split(cfg: Config, programs: int, n_tiles: int, device: torch.device,
+               interpret: bool) -> tuple[int, int]:
+    """(split, tiles_per_split) of a reduction of n_tiles tiles: pick_split's split, then
+    trimmed so that no split is left without tiles."""
+    per = triton.cdiv(n_tiles, pick_split(cfg, programs, n_tiles, device, interpret))
+    return triton.cdiv(n_tiles, per), per
+
+
 def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_features: int,
            acc_dtype: torch.dtype, interpret: bool) -> tuple[torch.Tensor, int]:
     """(h_parts, split): h = x2 @ A^T = h_parts.sum(0) in acc_dtype, h_parts (split, T, rank).
@@ -254,9 +284,7 @@ def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_feature
     cfg = config(T, rank, x2.device, interpret)
     n_t, n_r = triton.cdiv(T, cfg.block_t), triton.cdiv(rank, cfg.block_r)
     n_k = triton.cdiv(K, cfg.block_k)
-    split = pick_split(cfg, n_t * n_r, n_k, x2.device, interpret)
-    per = triton.cdiv(n_k, split)
-    split = triton.cdiv(n_k, per)
+    split, per = plan_split(cfg, n_t * n_r, n_k, x2.device, interpret)
     h = torch.empty((split, T, rank), dtype=acc_dtype, device=x2.device)
     k0, k1 = key_args(seed)
     shrink_kernel[(n_t, n_r, split)](
