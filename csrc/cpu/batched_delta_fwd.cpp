@@ -220,21 +220,56 @@ at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
   }
 
   // Stage 1: hT (rank, round_up8(len)) per segment. Small segments (direct path) are items
-  // of one parallel loop; GEMM-sized ones (and a few small ones) parallelize inside.
-  std::vector<at::Tensor> hT(static_cast<size_t>(nseg));
-  std::vector<int64_t> small;
+  // of one parallel loop writing into one buffer, straight from x's rows (no ATen op per
+  // segment: with 64 one-token adapters those were a tenth of the batch); GEMM-sized ones
+  // (and a few small ones) parallelize inside.
+  std::vector<at::Tensor> hT_big(static_cast<size_t>(nseg));
+  std::vector<const float*> hptr(static_cast<size_t>(nseg));
+  std::vector<int64_t> hld(static_cast<size_t>(nseg));
+  std::vector<int64_t> small, hat(static_cast<size_t>(nseg), -1);
+  int64_t hsize = 0;
   for (int64_t i = 0; i < nseg; ++i) {
-    if (g.segs[i].len <= kDirectMaxTokens) small.push_back(i);
+    if (g.segs[i].len <= kDirectMaxTokens) {
+      small.push_back(i);
+      hat[i] = hsize;
+      hsize += rank * round_up8(g.segs[i].len);
+    }
   }
   const bool items = static_cast<int64_t>(small.size()) >= 2 * at::get_num_threads();
   for (int64_t i = 0; i < nseg; ++i) {
     if (items && g.segs[i].len <= kDirectMaxTokens) continue;
-    hT[i] = compute_hT(segment_rows(x2, perm, g.segs[i]), segment_shape(s, g.segs[i]));
+    hT_big[i] = compute_hT(segment_rows(x2, perm, g.segs[i]), segment_shape(s, g.segs[i]));
+    hptr[i] = hT_big[i].data_ptr<float>();
+    hld[i] = hT_big[i].size(1);
   }
+  std::vector<float> hbuf;
   if (items) {
+    hbuf.assign(static_cast<size_t>(hsize), 0.f);  // zero padding columns
+    const at::Tensor xc = x2.contiguous();
+    const bool f32 = xc.scalar_type() == at::kFloat;
     for_each_item(static_cast<int64_t>(small.size()), [&](int64_t j) {
-      const Segment& seg = g.segs[small[j]];
-      hT[small[j]] = compute_hT(segment_rows(x2, perm, seg), segment_shape(s, seg));
+      const int64_t i = small[j];
+      const Segment& seg = g.segs[i];
+      const int64_t in = s.in_features;
+      const float* rows;
+      thread_local std::vector<float> xbuf;  // gathered / converted rows
+      if (f32 && seg.contiguous_from >= 0) {
+        rows = xc.data_ptr<float>() + seg.contiguous_from * in;
+      } else {
+        if (xbuf.size() < static_cast<size_t>(seg.len * in)) xbuf.resize(seg.len * in);
+        dispatch_io_type(xc.scalar_type(), [&](auto tag) {
+          using scalar_t = decltype(tag);
+          const scalar_t* xp = xc.data_ptr<scalar_t>();
+          for (int64_t t = 0; t < seg.len; ++t) {
+            to_f32(xp + g.perm[seg.start + t] * in, xbuf.data() + t * in, in);
+          }
+        });
+        rows = xbuf.data();
+      }
+      const int64_t ld = round_up8(seg.len);
+      compute_hT_direct(rows, seg.len, in, segment_shape(s, seg), hbuf.data() + hat[i], ld);
+      hptr[i] = hbuf.data() + hat[i];
+      hld[i] = ld;
     });
   }
 
@@ -255,8 +290,8 @@ at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
       const Segment& seg = g.segs[i];
       const int64_t a = seg.adapter;
       const BView b{mp + a * out * s.words, vptr[i], offp + a * (s.chunks + 1), out, s.words};
-      const float* h = hT[i].data_ptr<float>();
-      const int64_t Tp = hT[i].size(1);
+      const float* h = hptr[i];
+      const int64_t Tp = hld[i];
       const int64_t* tok = g.perm.data() + seg.start;
       int64_t c;
       if (seg.len <= kExpandMaxTokens) {

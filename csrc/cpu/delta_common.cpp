@@ -202,39 +202,49 @@ void dot_rows_scalar(const float* x, int64_t T, int64_t n, int64_t ldx, const Ro
 
 }  // namespace
 
+void compute_hT_direct(const float* xp, int64_t T, int64_t ldx, const DeltaShape& s, float* h,
+                       int64_t ldh) {
+  const int64_t in = s.in_features;
+  const int isa = cpu_isa();
+  const bool signs = s.gen.dist == kRademacher;
+  const int64_t nb = ((in - 1) >> elems_per_block_log2(s.gen.dist)) + 1;
+  at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {
+    // Grow-only per thread: batched decode calls this once per adapter.
+    thread_local std::vector<float> row;
+    thread_local std::vector<uint32_t> words;
+    if (signs) {
+      if (words.size() < static_cast<size_t>(4 * nb)) words.resize(static_cast<size_t>(4 * nb));
+    } else if (row.size() < static_cast<size_t>(in)) {
+      row.resize(static_cast<size_t>(in));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      RowA a;
+      if (signs) {
+        gen_a_words(s.gen, r, r + 1, 0, nb, words.data());
+        a.signs = words.data();
+        a.magnitude = s.gen.magnitude;
+      } else {
+        gen_a_tile(s.gen, r, r + 1, 0, in, row.data(), in);
+        a.values = row.data();
+      }
+      if (signs && isa >= 2) {
+        dot_rows_signs_avx512(xp, T, in, ldx, a.signs, a.magnitude, h + r * ldh);
+      } else if (isa >= 1) {
+        dot_rows_avx2(xp, T, in, ldx, a, h + r * ldh);
+      } else {
+        dot_rows_scalar(xp, T, in, ldx, a, h + r * ldh);
+      }
+    }
+  });
+}
+
 at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {
   const int64_t T = x2.size(0), in = s.in_features, rank = s.rank, Tp = round_up8(T);
   at::Tensor hT = at::zeros({rank, Tp}, x2.options().dtype(at::kFloat));
   if (T == 0) return hT;
-  float* h = hT.data_ptr<float>();
   if (T <= kDirectMaxTokens) {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
-    const float* xp = xf.data_ptr<float>();
-    const int isa = cpu_isa();
-    const bool signs = s.gen.dist == kRademacher;
-    const int64_t nb = ((in - 1) >> elems_per_block_log2(s.gen.dist)) + 1;
-    at::parallel_for(0, rank, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> row(signs ? 0 : static_cast<size_t>(in));
-      std::vector<uint32_t> words(signs ? static_cast<size_t>(4 * nb) : 0);
-      for (int64_t r = r0; r < r1; ++r) {
-        RowA a;
-        if (signs) {
-          gen_a_words(s.gen, r, r + 1, 0, nb, words.data());
-          a.signs = words.data();
-          a.magnitude = s.gen.magnitude;
-        } else {
-          gen_a_tile(s.gen, r, r + 1, 0, in, row.data(), in);
-          a.values = row.data();
-        }
-        if (signs && isa >= 2) {
-          dot_rows_signs_avx512(xp, T, in, in, a.signs, a.magnitude, h + r * Tp);
-        } else if (isa >= 1) {
-          dot_rows_avx2(xp, T, in, in, a, h + r * Tp);
-        } else {
-          dot_rows_scalar(xp, T, in, in, a, h + r * Tp);
-        }
-      }
-    });
+    compute_hT_direct(xf.data_ptr<float>(), T, in, s, hT.data_ptr<float>(), Tp);
     return hT;
   }
   // MKL runs x (T, kt) @ A_tile^T faster than A_tile @ x^T here: compute h (T, rank), then

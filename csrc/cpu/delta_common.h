@@ -30,6 +30,11 @@ void check_bitmask_cpu(const char* op, const at::Tensor& mask, const at::Tensor&
 // hT (rank, round_up8(T)) fp32 = A @ x^T, zero in the padding columns. x2 is (T, in).
 at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s);
 
+// compute_hT's direct path (T <= kDirectMaxTokens) on raw rows: h[r * ldh + t] = A[r] . x[t]
+// for x rows t < T of leading dimension ldx (fp32). Leaves h's other columns alone.
+void compute_hT_direct(const float* x, int64_t T, int64_t ldx, const DeltaShape& s, float* h,
+                       int64_t ldh);
+
 // Values as fp32 (a copy only when they are not fp32 already).
 at::Tensor values_f32(const at::Tensor& values);
 
