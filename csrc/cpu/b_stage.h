@@ -95,17 +95,16 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
       const float* v = b.values + b.offsets[c];
       for (int64_t i = 0; i < nrows; ++i) {
         float* dst = yT + i * kYGroup;
-        if (ng == kYGroup) {
-          row_accumulate<8>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst);
-        } else {
-          for (int64_t t = 0; t < ng; t += 8) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t e = st[i]; e < st[i + 1]; ++e) {
-              acc = _mm256_fmadd_ps(_mm256_set1_ps(v[e]),
-                                    _mm256_loadu_ps(hT + static_cast<int64_t>(kc[e]) * Tp + tg + t), acc);
-            }
-            _mm256_storeu_ps(dst + t, acc);
-          }
+        // Register accumulators for every group width (T = 16 is a common batch).
+        switch (ng / 8) {
+          case 1: row_accumulate<1>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          case 2: row_accumulate<2>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          case 3: row_accumulate<3>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          case 4: row_accumulate<4>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          case 5: row_accumulate<5>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          case 6: row_accumulate<6>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          case 7: row_accumulate<7>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          default: row_accumulate<8>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
         }
       }
       for (int64_t tb = 0; tb < ng; tb += 8) {
