@@ -136,14 +136,15 @@ LORI_AVX512 void tile_words_avx512(const AGenParams& g, int64_t r0, int64_t b0, 
 
 namespace {
 
-// Sign dot of NT tokens (NT == 1: four accumulators, 64 columns a step, so the add chains
-// overlap; NT == 4: two per token). Accumulator indices are compile-time constants: an index
-// that alternates at run time sent them through the stack.
+// Sign dot of NT tokens as sum(x) - 2 * (sum of x over A's negative entries): one masked add
+// per 16 elements instead of a sign flip and an add (ports 0 and 5 are the limit; the sum of
+// x is the caller's, once per token for all of A's rows). NT == 1: four accumulators, 64
+// columns a step; NT == 4: two per token. Accumulator indices are compile-time constants (a
+// run-time index sends them through the stack).
 template <int NT>
 LORI_AVX512 void sign_dot_group(const float* x, int64_t n, int64_t ldx, const uint32_t* signs,
-                                float magnitude, float* out) {
+                                float magnitude, const float* xsum, float* out) {
   constexpr int NA = NT == 1 ? 4 : 2;
-  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
   __m512 acc[NT][NA];
   for (int t = 0; t < NT; ++t) {
     for (int a = 0; a < NA; ++a) acc[t][a] = _mm512_setzero_ps();
@@ -155,8 +156,7 @@ LORI_AVX512 void sign_dot_group(const float* x, int64_t n, int64_t ldx, const ui
                          (static_cast<uint64_t>(signs[(j >> 5) + 1]) << 32);
       for (int a = 0; a < 4; ++a) {
         const __mmask16 k = static_cast<__mmask16>(w >> (16 * a));
-        const __m512 xa = _mm512_loadu_ps(x + j + 16 * a);
-        acc[0][a] = _mm512_add_ps(acc[0][a], _mm512_mask_xor_ps(xa, k, xa, sign));
+        acc[0][a] = _mm512_mask_add_ps(acc[0][a], k, acc[0][a], _mm512_loadu_ps(x + j + 16 * a));
       }
     }
   }
@@ -165,38 +165,57 @@ LORI_AVX512 void sign_dot_group(const float* x, int64_t n, int64_t ldx, const ui
     const __mmask16 k0 = static_cast<__mmask16>(w), k1 = static_cast<__mmask16>(w >> 16);
     for (int t = 0; t < NT; ++t) {
       const float* xt = x + t * ldx + j;
-      const __m512 x0 = _mm512_loadu_ps(xt), x1 = _mm512_loadu_ps(xt + 16);
-      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_mask_xor_ps(x0, k0, x0, sign));
-      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_mask_xor_ps(x1, k1, x1, sign));
+      acc[t][0] = _mm512_mask_add_ps(acc[t][0], k0, acc[t][0], _mm512_loadu_ps(xt));
+      acc[t][1] = _mm512_mask_add_ps(acc[t][1], k1, acc[t][1], _mm512_loadu_ps(xt + 16));
     }
   }
-  if (j < n) {  // tail: zero lanes past n add nothing
+  if (j < n) {  // tail: only lanes below n
     const uint32_t w = signs[j >> 5];
     const int64_t rem = n - j;
     const __mmask16 l0 = static_cast<__mmask16>(rem >= 16 ? 0xffff : (1u << rem) - 1u);
     const __mmask16 l1 = static_cast<__mmask16>(rem <= 16 ? 0 : (1u << (rem - 16)) - 1u);
-    const __mmask16 k0 = static_cast<__mmask16>(w), k1 = static_cast<__mmask16>(w >> 16);
+    const __mmask16 k0 = static_cast<__mmask16>(w) & l0, k1 = static_cast<__mmask16>(w >> 16) & l1;
     for (int t = 0; t < NT; ++t) {
       const float* xt = x + t * ldx + j;
-      const __m512 x0 = _mm512_maskz_loadu_ps(l0, xt), x1 = _mm512_maskz_loadu_ps(l1, xt + 16);
-      acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_mask_xor_ps(x0, k0 & l0, x0, sign));
-      acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_mask_xor_ps(x1, k1 & l1, x1, sign));
+      acc[t][0] = _mm512_mask_add_ps(acc[t][0], k0, acc[t][0], _mm512_maskz_loadu_ps(k0, xt));
+      acc[t][1] = _mm512_mask_add_ps(acc[t][1], k1, acc[t][1], _mm512_maskz_loadu_ps(k1, xt + 16));
     }
   }
   for (int t = 0; t < NT; ++t) {
     __m512 s = acc[t][0];
     for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[t][a]);
-    out[t] = hsum16(s) * magnitude;
+    out[t] = (xsum[t] - 2.f * hsum16(s)) * magnitude;
   }
 }
 
 }  // namespace
 
 LORI_AVX512 void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int64_t ldx,
-                                       const uint32_t* signs, float magnitude, float* out) {
+                                       const uint32_t* signs, float magnitude,
+                                       const float* xsum, float* out) {
   int64_t t = 0;
-  for (; t + 4 <= T; t += 4) sign_dot_group<4>(x + t * ldx, n, ldx, signs, magnitude, out + t);
-  for (; t < T; ++t) sign_dot_group<1>(x + t * ldx, n, ldx, signs, magnitude, out + t);
+  for (; t + 4 <= T; t += 4) {
+    sign_dot_group<4>(x + t * ldx, n, ldx, signs, magnitude, xsum + t, out + t);
+  }
+  for (; t < T; ++t) sign_dot_group<1>(x + t * ldx, n, ldx, signs, magnitude, xsum + t, out + t);
+}
+
+LORI_AVX512 void row_sums_avx512(const float* x, int64_t T, int64_t n, int64_t ldx, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * ldx;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(xt + j));
+      a1 = _mm512_add_ps(a1, _mm512_loadu_ps(xt + j + 16));
+    }
+    for (; j < n; j += 16) {
+      const int64_t rem = n - j;
+      const __mmask16 l = static_cast<__mmask16>(rem >= 16 ? 0xffff : (1u << rem) - 1u);
+      a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(l, xt + j));
+    }
+    out[t] = hsum16(_mm512_add_ps(a0, a1));
+  }
 }
 
 namespace {

@@ -22,9 +22,12 @@ std::string set_cpu_isa(c10::string_view isa);  // "auto" | "avx512" | "avx2" | 
 void tile_words_avx512(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb, int64_t n,
                        uint32_t* words);
 
-// out[t] = magnitude * sum_j (+-x[t, j]) with the signs of A's row (bit j set -> negative).
+// out[t] = magnitude * sum_j (+-x[t, j]) with the signs of A's row (bit j set -> negative),
+// given xsum[t] = sum_j x[t, j] (row_sums_avx512).
 void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int64_t ldx,
-                           const uint32_t* signs, float magnitude, float* out);
+                           const uint32_t* signs, float magnitude, const float* xsum, float* out);
+// out[t] = sum_j x[t, j] for j < n.
+void row_sums_avx512(const float* x, int64_t T, int64_t n, int64_t ldx, float* out);
 
 // Decode B stage (T <= 4): same contract as apply_b_expand_avx2 (b_stage.h).
 template <typename scalar_t>

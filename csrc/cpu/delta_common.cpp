@@ -208,6 +208,9 @@ void compute_hT_direct(const float* xp, int64_t T, int64_t ldx, const DeltaShape
   const int isa = cpu_isa();
   const bool signs = s.gen.dist == kRademacher;
   const int64_t nb = ((in - 1) >> elems_per_block_log2(s.gen.dist)) + 1;
+  TORCH_INTERNAL_ASSERT(T <= kDirectMaxTokens, "compute_hT_direct: T = ", T);
+  float xsum[kDirectMaxTokens];
+  if (signs && isa >= 2) row_sums_avx512(xp, T, in, ldx, xsum);
   at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {
     // Grow-only per thread: batched decode calls this once per adapter.
     thread_local std::vector<float> row;
@@ -228,7 +231,7 @@ void compute_hT_direct(const float* xp, int64_t T, int64_t ldx, const DeltaShape
         a.values = row.data();
       }
       if (signs && isa >= 2) {
-        dot_rows_signs_avx512(xp, T, in, ldx, a.signs, a.magnitude, h + r * ldh);
+        dot_rows_signs_avx512(xp, T, in, ldx, a.signs, a.magnitude, xsum, h + r * ldh);
       } else if (isa >= 1) {
         dot_rows_avx2(xp, T, in, ldx, a, h + r * ldh);
       } else {
