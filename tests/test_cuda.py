@@ -612,15 +612,20 @@ def _bgrad_refs(x, ids, pool_cpu, gy):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 513])
 @pytest.mark.parametrize("mix", ["distinct", "uniform8", "identical"])
-def test_batched_backward(mix, T, dtype):
+@pytest.mark.parametrize("shape", [(B_IN, B_OUT, B_RANK), (300, 200, 40), (70, 130, 256)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_batched_backward(shape, mix, T, dtype):
     """grad_x and the grad of every used adapter's values vs float64 autograd (the rule) and the
-    CPU op; unused adapters and -1 tokens get exactly 0."""
+    CPU op; unused adapters and -1 tokens get exactly 0. Shapes: one mask word with multiples
+    of 64; two words with a partial last chunk, column tile and mask word; rank 256 (8 words,
+    small tiles) with in_features under one column tile."""
+    inp, out, rank = shape
     n = 12
-    pools = _bpools(n, dtype=dtype, seed=9)
+    pools = _bpools(n, inp, out, rank, dtype, seed=9)
     g = torch.Generator().manual_seed(T + len(mix))
     ids = mix_ids(mix, T, n, True, g)
-    x = torch.randn(T, B_IN, generator=g).to(dtype)
-    gy = torch.randn(T, B_OUT, generator=g).to(dtype)
+    x = torch.randn(T, inp, generator=g).to(dtype)
+    gy = torch.randn(T, out, generator=g).to(dtype)
     gx, gv = torch.ops.lori.batched_sparse_delta_backward(
         gy.cuda(), *_bargs(pools[1], x.cuda(), ids.cuda()), True, True)
     gx_cpu, gv_cpu = torch.ops.lori.batched_sparse_delta_backward(
