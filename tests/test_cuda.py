@@ -496,6 +496,38 @@ def test_batched_forward_mixes(mix, idle, T, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_base", [False, True], ids=["delta", "base"])
+@pytest.mark.parametrize("n", [6, 8])
+def test_batched_forward_large_tiles(n, with_base, dtype):
+    """A pool of capacity 8: T = 513 tokens over at most 8 groups averages more than 16 tokens
+    per group, so the forward runs its 64-token tiles (forward_mixes' capacity-64 pool gets
+    16-token tiles); -1 tokens mixed in, with and without base."""
+    pools = _bpools(n, dtype=dtype, seed=17)
+    assert pools[1].capacity == 8
+    T = 513
+    g = torch.Generator().manual_seed(n + 100)
+    ids = torch.randint(0, n, (T,), generator=g)
+    ids = torch.where(torch.rand(T, generator=g) < 0.2, -1, ids)
+    x = torch.randn(T, B_IN, generator=g).to(dtype).cuda()
+    args = _bargs(pools[1], x, ids.cuda())
+    delta = torch.ops.lori.batched_sparse_delta(*args)
+    _bcheck(delta, x, ids, pools, f"n={n} {dtype}")
+    idle = ids.cuda() < 0
+    assert torch.count_nonzero(delta[idle]) == 0
+    if not with_base:
+        return
+    base = torch.randn(T, B_OUT, generator=g).to(dtype).cuda()
+    y = torch.ops.lori.batched_sparse_delta(*args, base)
+    assert torch.equal(y[idle], base[idle])
+    # base + delta rounded once: within one ulp of the exact sum (+ the delta's own error)
+    ref, plain = _bref(x, ids, pools[0])
+    exact = base.double().cpu() + ref
+    err = (y.double().cpu() - exact).abs()
+    assert (err <= exact.abs() * torch.finfo(dtype).eps + tolerance_bound(ref, plain)).all()
+
+
+@needs_cuda
 @pytest.mark.parametrize("shape", [(300, 200, 40), (70, 130, 256), (1100, 1100, 33), (45, 70, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("T", [1, 16, 17, 300])
