@@ -233,20 +233,24 @@ def test_sparse_delta_backward(dtype, T, shape):
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("T", [0, 1, 7, 513])
-def test_sparse_delta_fwd_returns_h_and_backward_reuses_it(dtype, T):
+@pytest.mark.parametrize("in_f", [341, 512])
+@pytest.mark.parametrize("dist", ["uniform", "rademacher"])
+def test_sparse_delta_fwd_returns_h_and_backward_reuses_it(dist, in_f, dtype, T):
     """sparse_delta_fwd: y as sparse_delta (within the rule), h = x @ A^T in fp32 (fp64 for
-    float64); the backward given h matches the one that recomputes it."""
-    in_f, out_f, rank = 341, 200, 40
+    float64) from A's fp32 values; the backward given h matches the one that recomputes it.
+    in_features 512 (a multiple of 8) lets bf16/fp16 prefill take the tensor-core shrink, which
+    must keep h exact to fp32 accumulation (Rademacher; uniform A takes the SIMT kernel)."""
+    out_f, rank = 200, 40
     packed, b = make_b(out_f, rank, "sparse", dtype, "cuda", gen_seed=T + 1)
     x = torch.randn(T, in_f, device="cuda").to(dtype)
-    args = (x, packed.mask, packed.values, packed.offsets, rank, _seed_arg(SEED), "uniform", 0.5)
+    args = (x, packed.mask, packed.values, packed.offsets, rank, _seed_arg(SEED), dist, 0.5)
     y, h = ops.sparse_delta_fwd(*args)
     hdt = torch.float64 if dtype == torch.float64 else torch.float32
     assert y.shape == (T, out_f) and y.dtype == dtype
     assert h.shape == (T, rank) and h.dtype == hdt and h.is_cuda
     if T == 0:
         return
-    a = _ref_a(SEED, rank, in_f, "uniform").cuda()
+    a = _ref_a(SEED, rank, in_f, dist).cuda()
     ok, msg = tol_ok(y, (x.double() @ a.double().T) @ b.double().T * 0.5,
                      reference.dense_lora(x, a.to(dtype), b, 0.5))
     assert ok, msg

@@ -153,9 +153,11 @@ __device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int6
   __syncthreads();
 }
 
-// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, c0 + j] (+-1, or the
-// uniform unit rounded to bf16/fp16), zero for r >= rank; A's magnitude is left to the caller's
-// fp32 epilogue. c0 a multiple of 64. words_s: RP * 4 scratch. All threads call it; it syncs
+// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, c0 + j] (+-1, exact;
+// or the uniform unit rounded to bf16/fp16, 2^-9 relative error), zero for r >= rank; A's
+// magnitude is left to the caller's fp32 epilogue. shrink_a_mma (whose h sparse_delta_fwd
+// returns) calls it for Rademacher only; expand_a_mma (grad_x, rounded to bf16/fp16 anyway)
+// for both. c0 a multiple of 64. words_s: RP * 4 scratch. All threads call it; it syncs
 // between its phases but not before (the caller orders earlier readers) or after.
 template <typename scalar_t, int RP>
 __device__ __forceinline__ void gen_a_units_mma(const AGen& g, int rank, int64_t c0,

@@ -66,8 +66,9 @@ void launch_expand_b(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
                      const BMask& b, const scalar_t* values, double scale, int tile,
                      int64_t chunks_per_block, scalar_t* y, cudaStream_t stream);
 
-// Tensor-core forward (bf16/fp16, rank <= 64): same contract as launch_shrink_a with A's
-// magnitude folded in (partial holds h itself). Returns false when it does not apply.
+// Tensor-core forward (bf16/fp16, rank <= 64, Rademacher A): same contract as launch_shrink_a
+// with A's magnitude folded in (partial holds h itself). Returns false when it does not apply
+// (uniform A included: its units are not exact in bf16/fp16).
 template <typename scalar_t>
 bool launch_shrink_a_mma(const scalar_t* x, int64_t T, int64_t in, const AGen& g, int rank,
                          int splits, int64_t slice_cols, acc_type_t<scalar_t>* partial,
