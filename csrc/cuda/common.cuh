@@ -254,18 +254,20 @@ struct Tile {
   int64_t start;  // sorted position of the tile's first token
   int len;        // tokens in the tile, clamped to [0, TT]
   int seg_tiles;  // > 0 on a group's first tile: the group's tile count
+  int64_t slot;   // index among the tiles of multi-tile groups; -1 for a single-tile group
 };
 
 // Tile i of the plan, or len 0 (nothing to do) past the tile count. Block-uniform.
 __device__ __forceinline__ Tile load_tile(const TilePlan& plan, int64_t i, int TT) {
-  Tile t{0, 0, 0, 0};
-  if (i >= plan.max_tiles || i >= plan.tiles[4 * plan.max_tiles]) return t;
-  const int64_t* r = plan.tiles + 4 * i;
+  Tile t{0, 0, 0, 0, -1};
+  if (i >= plan.max_tiles || i >= plan.tiles[kTileFields * plan.max_tiles]) return t;
+  const int64_t* r = plan.tiles + kTileFields * i;
   const int64_t len = r[2];
   t.group = r[0];
   t.start = r[1];
   t.len = len < 0 ? 0 : (len > TT ? TT : static_cast<int>(len));
   t.seg_tiles = static_cast<int>(r[3]);
+  t.slot = r[4];
   return t;
 }
 
