@@ -274,7 +274,7 @@ void launch_batched_expand_a(const acc_type_t<scalar_t>* partial, int splits, in
                         "batched expand_a: tile ", plan.tile);
   auto kernel = plan.tile == kLargeTile ? &batched_expand_a_kernel<scalar_t, kLargeTile>
                                         : &batched_expand_a_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, p, plan, gx);
   LORI_LAUNCH_CHECK();
 }

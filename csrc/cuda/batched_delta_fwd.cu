@@ -323,7 +323,7 @@ void launch_batched_expand_b(const acc_type_t<scalar_t>* partial, int splits, in
                         "batched expand_b: tile ", plan.tile);
   auto kernel = plan.tile == kLargeTile ? &batched_expand_b_kernel<scalar_t, kLargeTile>
                                         : &batched_expand_b_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, p, values, plan, chunks_per_block,
                                            accumulate, y);
   LORI_LAUNCH_CHECK();

@@ -7,8 +7,12 @@
 #include <cuda_runtime.h>
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "kernels.cuh"
 #include "lori/bitmask.h"
@@ -300,14 +304,34 @@ __device__ __forceinline__ void load_tile_tokens(const TilePlan& plan, const Til
   if (t < TT) toks[t] = t < tl.len ? plan.perm[tl.start + t] : 0;
 }
 
+// The most dynamic shared memory (a (tile, rank) acc_t tile) a launcher requests for a
+// `tile`-token kernel: 64-token tiles serve rank <= kLargeTileMaxRank only (token_tile,
+// batched_tile), 16-token tiles any rank <= kMaxRank.
+template <typename acc_t>
+inline size_t max_tile_smem(int tile) {
+  const int max_rank = tile == kLargeTile ? kLargeTileMaxRank : kMaxRank;
+  return static_cast<size_t>(tile) * max_rank * sizeof(acc_t);
+}
+
 // Kernels whose dynamic shared memory (a (tokens, rank) tile) can pass the default 48 KB
-// budget together with their static buffers: raise the limit for this launch's size.
-template <typename Kernel>
-inline void raise_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 16 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+// budget together with their static buffers. Sets the kernel's limit to the largest size its
+// launcher can request (max_tile_smem), once per (kernel, device) under a lock, so a launch
+// never depends on another thread's setting and costs no driver call after the first; checks
+// that this launch's `bytes` fits.
+template <typename acc_t, typename Kernel>
+inline void raise_dynamic_smem(Kernel kernel, int tile, size_t bytes) {
+  const size_t cap = max_tile_smem<acc_t>(tile);
+  TORCH_INTERNAL_ASSERT(bytes <= cap, "dynamic shared memory ", bytes, " > ", cap,
+                        " bytes for a ", tile, "-token tile");
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel),
+                                        static_cast<int>(c10::cuda::current_device()));
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(cap)));
+  done.insert(key);
 }
 
 // Throws (through the launcher) on a launch error.

@@ -47,6 +47,7 @@ struct BMask {
 // kLargeTile for prefill (A tiles generated once per block serve this many tokens).
 constexpr int kSmallTile = 16;
 constexpr int kLargeTile = 64;
+constexpr int kLargeTileMaxRank = 128;  // larger ranks (and float64) take kSmallTile
 // Tensor-core (wmma, sm_80+) kernels: 4 warps of 16 tokens (or rows), bf16/fp16 in, fp32 acc.
 constexpr int kMmaTM = 64;
 constexpr int kMmaThreads = 128;

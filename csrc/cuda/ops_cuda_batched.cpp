@@ -80,7 +80,7 @@ PoolTensors pool_view(const at::Tensor& masks, const at::Tensor& offsets,
 // tokens (prefill), else 16. T / min(T, N) is a lower bound of that average known without
 // reading the ids.
 int batched_tile(int64_t T, int64_t N, at::ScalarType t, int64_t rank) {
-  if (t == at::kDouble || rank > 128) return kSmallTile;  // shared-memory budget
+  if (t == at::kDouble || rank > kLargeTileMaxRank) return kSmallTile;  // shared-memory budget
   const int64_t groups = std::max<int64_t>(1, std::min(T, N));
   return T / groups > kSmallTile ? kLargeTile : kSmallTile;
 }

@@ -323,7 +323,7 @@ void launch_expand_b(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
   const size_t smem = static_cast<size_t>(tile) * b.rank * sizeof(acc_type_t<scalar_t>);
   auto kernel = tile == kLargeTile ? &expand_b_kernel<scalar_t, kLargeTile>
                                    : &expand_b_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, b, values, scale,
                                                 chunks_per_block, y);
   LORI_LAUNCH_CHECK();
