@@ -395,6 +395,21 @@ def test_argument_errors():
 
 
 @needs_cuda
+@pytest.mark.parametrize("op", ["sparse_delta", "sparse_delta_fwd"])
+def test_forward_errors_match_cpu(op):
+    """Both forward ops report argument errors as "sparse_delta: ...", on CUDA as on the CPU."""
+    packed, _ = make_b(64, 32, "sparse", torch.float32, "cpu")
+    msgs = []
+    for dev in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="^sparse_delta: mask must have shape") as e:
+            getattr(ops, op)(torch.randn(2, 50, device=dev), packed.mask.to(dev),
+                             packed.values.to(dev), packed.offsets.to(dev), 33, 1, "rademacher",
+                             1.0)
+        msgs.append(str(e.value).splitlines()[0])
+    assert msgs[0] == msgs[1]
+
+
+@needs_cuda
 def test_corrupt_b_never_reads_out_of_bounds():
     """The CUDA backend trusts offsets (no per-call mask scan) but clamps every read."""
     packed, _ = make_b(200, 40, "sparse", torch.float32, "cuda")

@@ -141,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_fwd_cuda(
     const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
     const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
     double scale) {
-  return forward_impl("sparse_delta_fwd", x, mask, values, offsets, rank, seed, distribution,
+  // Errors name "sparse_delta", as the CPU backend's do for both forward ops.
+  return forward_impl("sparse_delta", x, mask, values, offsets, rank, seed, distribution,
                       scale, true);
 }
 
