@@ -198,16 +198,17 @@ at::Tensor batched_sparse_delta_cuda(const at::Tensor& x, const at::Tensor& ids,
   const at::Tensor v = values.contiguous();
   const int64_t nch = s.chunks;
   const int sms = sm_count(x.get_device());
+  // Chunks per block: up to 4 (h read once per 256 rows) while >= 4 blocks per SM remain.
+  // Checked before shrink_a runs, so a too-large B fails before any work is queued.
+  int64_t cpb = 4;
+  while (cpb > 1 && g.grid * ((nch + cpb - 1) / cpb) < 4 * sms) cpb /= 2;
+  check_grid_y(op, (nch + cpb - 1) / cpb, "64-row chunk groups of B");
   auto hp = batched_shrink_a(op, x2, s, pt, g, stream);
   // Prefill: each chunk-group block would re-read all S partials of its tile, so they are
   // summed once first (rows of "no adapter" tokens hold garbage there and are never read).
   const bool presum = hp.second > 1 && T > kSmallTile;
   const at::Tensor partial = presum ? hp.first.sum(0, /*keepdim=*/true) : hp.first;
   const int splits = presum ? 1 : hp.second;
-  // Chunks per block: up to 4 (h read once per 256 rows) while >= 4 blocks per SM remain.
-  int64_t cpb = 4;
-  while (cpb > 1 && g.grid * ((nch + cpb - 1) / cpb) < 4 * sms) cpb /= 2;
-  check_grid_y(op, (nch + cpb - 1) / cpb, "64-row chunk groups of B");
   dispatch(op, x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     launch_batched_expand_b<scalar_t>(partial.data_ptr<acc_type_t<scalar_t>>(), splits, T, pt.p,
