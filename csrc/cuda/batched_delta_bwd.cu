@@ -6,9 +6,12 @@
 // shrink_b: grid (tiles, chunk splits); per chunk the block decodes 64 rows x 32 ranks of the
 //   adapter's B into a dense shared tile and multiplies the tile's gy rows (gathered via perm).
 // expand_a: grid (tiles, 64-column tiles of A); A generated in shared memory per 32 ranks.
-// grad_b: grid (tiles of the grad plan, chunks): dense 64 x R blocks of gy^T h per tile.
-// gather: per group's first tile and chunk, walks the mask once and adds the sum over the
-//   group's tiles (fixed order) to the pattern entries: one atomicAdd per entry and group.
+// grad_b: grid (tiles of the grad plan, chunks): dense 64 x R blocks of gy^T h per tile. The
+//   tile of a single-tile group adds its block's pattern entries to grad_values itself (one
+//   atomicAdd per entry and group); a tile of a multi-tile group stores its block in its slot
+//   of gbp (slots exist only for multi-tile groups, so gbp does not grow with the adapters).
+// gather: per multi-tile group's first tile and chunk, walks the mask once and adds the sum
+//   over the group's slots (fixed order) to the pattern entries: one atomicAdd per entry.
 #include "common.cuh"
 
 namespace lori::cuda {
@@ -124,21 +127,38 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kGbTokens = 32;  // tokens per shared-memory step of grad_b
 
 // Thread (ol = tid / 4, rq = tid % 4): row c * 64 + ol, ranks 32 g + 8 rq .. + 8, summed over
-// the tile's tokens (any count: walked 32 at a time). Writes gbp[i, o, k] for o < out, k < R.
+// the tile's tokens (any count: walked 32 at a time). A single-tile group's tile (slot -1)
+// adds scale * sum to gacc at the pattern entries among them; a multi-tile group's tile writes
+// gbp[slot, o, k] for o < out, k < R.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     batched_grad_b_kernel(const scalar_t* __restrict__ gy,
                           const acc_type_t<scalar_t>* __restrict__ h, BatchedPool p,
-                          TilePlan plan, acc_type_t<scalar_t>* __restrict__ gbp) {
+                          TilePlan plan, acc_type_t<scalar_t>* __restrict__ gbp,
+                          acc_type_t<scalar_t>* __restrict__ gacc) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t gys[kGbTokens][kRowChunk];
   __shared__ acc_t hs[kGbTokens][kRGroup + 1];
   __shared__ int64_t toks[kGbTokens];
+  __shared__ int rs[kRowChunk + 1];
   const Tile tl = load_tile(plan, blockIdx.x, plan.tile);
   if (tl.len == 0 || tl.group >= p.adapters) return;  // block-uniform
+  const bool direct = tl.slot < 0;                     // block-uniform
+  if (!direct && tl.slot >= plan.max_slots) return;   // (a plan inconsistent with gbp)
   const int tid = threadIdx.x, ol = tid >> 2, rq = tid & 3, rank = p.rank;
-  const int64_t i = blockIdx.x, c = blockIdx.y, out = p.out;
+  const int64_t c = blockIdx.y, out = p.out;
   const int64_t o = c * kRowChunk + ol;
+  // Direct adds: the entry index of (o, k) is cr.lo + rs[ol] + the popcounts of row o's mask
+  // before bit k (as decode_b_chunk); `before` holds those of the words already done.
+  int64_t vs = 0;
+  const BMask b = adapter_bmask(p, tl.group, &vs);
+  const acc_t scale = static_cast<acc_t>(p.scales[tl.group]);
+  ChunkRange cr{0, 0};
+  if (direct) {
+    chunk_row_starts(b, c, rs);  // all threads (it syncs); rs is not written again below
+    cr = chunk_range(b, c);
+  }
+  int64_t before = 0;
   for (int g = 0; g < p.words; ++g) {
     acc_t acc[8];
 #pragma unroll
@@ -165,29 +185,43 @@ __global__ void __launch_bounds__(kThreads)
         for (int q = 0; q < 8; ++q) acc[q] += gv * hs[t][rq * 8 + q];
       }
     }
-    if (o < out) {
+    if (o < out && direct) {
+      const uint32_t word = mask_word(b, o, g);  // bits >= rank cleared
+      const uint32_t mine = (word >> (8 * rq)) & 0xffu;
+      int64_t e = cr.lo + rs[ol] + before + popcount32(word & ((1u << (8 * rq)) - 1u));
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        if ((mine >> q) & 1u) {
+          if (e >= cr.lo && e < cr.hi) atomicAdd(gacc + vs + e, acc[q] * scale);
+          ++e;
+        }
+      }
+      before += popcount32(word);
+    } else if (o < out) {
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         const int k = kRGroup * g + rq * 8 + q;
-        if (k < rank) gbp[(i * out + o) * rank + k] = acc[q];
+        if (k < rank) gbp[(tl.slot * out + o) * rank + k] = acc[q];
       }
     }
   }
 }
 
-// 64 threads per (group's first tile, chunk), thread per row: for each pattern entry p = (o, k)
-// of the chunk, gacc[vs + p] += scale * sum over the group's tiles of gbp[., o, k].
+// 64 threads per (multi-tile group's first tile, chunk), thread per row: for each pattern entry
+// p = (o, k) of the chunk, gacc[vs + p] += scale * sum over the group's slots of gbp[., o, k].
 template <typename acc_t>
 __global__ void __launch_bounds__(kRowChunk)
     batched_gather_grad_kernel(const acc_t* __restrict__ gbp, BatchedPool p, TilePlan plan,
                                acc_t* __restrict__ gacc) {
   __shared__ int rs[kRowChunk + 1];
   const Tile tl = load_tile(plan, blockIdx.x, plan.tile);
-  if (tl.len == 0 || tl.group >= p.adapters || tl.seg_tiles <= 0) return;  // block-uniform
-  const int64_t i = blockIdx.x, c = blockIdx.y, out = p.out;
-  // The group's tiles are i .. i + seg_tiles - 1 (consecutive), all within the plan.
-  const int64_t n_tiles = plan.tiles[4 * plan.max_tiles];
-  const int64_t seg = tl.seg_tiles < n_tiles - i ? tl.seg_tiles : n_tiles - i;
+  if (tl.len == 0 || tl.group >= p.adapters || tl.seg_tiles <= 1 || tl.slot < 0 ||
+      tl.slot >= plan.max_slots) {
+    return;  // block-uniform; single-tile groups were added by grad_b
+  }
+  const int64_t c = blockIdx.y, out = p.out, s0 = tl.slot;
+  // The group's tiles have the consecutive slots s0 .. s0 + seg_tiles - 1, within gbp.
+  const int64_t seg = tl.seg_tiles < plan.max_slots - s0 ? tl.seg_tiles : plan.max_slots - s0;
   int64_t vs = 0;
   const BMask b = adapter_bmask(p, tl.group, &vs);
   const acc_t scale = static_cast<acc_t>(p.scales[tl.group]);
@@ -201,7 +235,7 @@ __global__ void __launch_bounds__(kRowChunk)
       if (q >= cr.hi) return;
       const int k = 32 * w + ctz32(bits);
       acc_t v = acc_t(0);
-      for (int64_t s = 0; s < seg; ++s) v += gbp[((i + s) * out + o) * b.rank + k];
+      for (int64_t s = 0; s < seg; ++s) v += gbp[((s0 + s) * out + o) * b.rank + k];
       atomicAdd(gacc + vs + q, v * scale);
     }
   }
@@ -240,7 +274,7 @@ void launch_batched_expand_a(const acc_type_t<scalar_t>* partial, int splits, in
                         "batched expand_a: tile ", plan.tile);
   auto kernel = plan.tile == kLargeTile ? &batched_expand_a_kernel<scalar_t, kLargeTile>
                                         : &batched_expand_a_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, p, plan, gx);
   LORI_LAUNCH_CHECK();
 }
@@ -252,8 +286,9 @@ void launch_batched_grad_values(const scalar_t* gy, const acc_type_t<scalar_t>* 
                                 cudaStream_t stream) {
   (void)T;
   const dim3 grid(static_cast<unsigned>(grid_tiles), static_cast<unsigned>(p.chunks));
-  batched_grad_b_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(gy, h, p, plan, gbp);
+  batched_grad_b_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(gy, h, p, plan, gbp, gacc);
   LORI_LAUNCH_CHECK();
+  if (plan.max_slots == 0) return;  // no multi-tile group
   batched_gather_grad_kernel<acc_type_t<scalar_t>>
       <<<grid, kRowChunk, 0, stream>>>(gbp, p, plan, gacc);
   LORI_LAUNCH_CHECK();

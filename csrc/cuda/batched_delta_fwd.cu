@@ -9,7 +9,8 @@
 // 2. (host) perm = stable argsort of keys (at::sort): tokens stay where they are, blocks
 //    gather their rows through perm.
 // 3. plan: one block binary-searches each group's [start, end) in the sorted keys, cuts it
-//    into tiles of <= TT tokens and writes the tile list (kernels.cuh: TilePlan).
+//    into tiles of <= TT tokens and writes the tile list (kernels.cuh: TilePlan; the slots of
+//    multi-tile groups serve the backward's grad_values).
 // 4. shrink_a: grid (tiles, column slices). A block generates its adapter's A tile (32 ranks x
 //    64 columns) once per 64 columns and reuses it for all of the tile's tokens (split-K over
 //    in_features fills the GPU at decode), writing (S, T, R) partials in sorted order.
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kPlanThreads)
                         int64_t max_tiles, int64_t* __restrict__ tiles,
                         int64_t* __restrict__ count_out) {
   __shared__ int64_t warp_sums[kPlanThreads / 32];
-  int64_t carry = 0;  // tiles of the groups before this pass (same in every thread)
+  int64_t carry = 0, carry_s = 0;  // tiles / slots of the groups before this pass (uniform)
   for (int64_t base = 0; base <= adapters; base += kPlanThreads) {
     const int64_t g = base + threadIdx.x;
     int64_t start = 0, len = 0;
@@ -110,23 +111,30 @@ __global__ void __launch_bounds__(kPlanThreads)
       len = end - start;
     }
     const int64_t nt = (len + tile - 1) / tile;
-    int64_t total = 0;
+    const int64_t ns = nt > 1 ? nt : 0;  // slots: tiles of multi-tile groups
+    int64_t total = 0, total_s = 0;
     const int64_t first = carry + block_exclusive_sum(nt, warp_sums, &total);
+    const int64_t first_s = carry_s + block_exclusive_sum(ns, warp_sums, &total_s);
     for (int64_t j = 0; j < nt; ++j) {
       const int64_t i = first + j;
       if (i >= max_tiles) break;
-      int64_t* r = tiles + 4 * i;
+      int64_t* r = tiles + kTileFields * i;
       r[0] = g;
       r[1] = start + j * tile;
       r[2] = len - j * tile < tile ? len - j * tile : tile;
       r[3] = j == 0 ? nt : 0;
+      r[4] = ns > 0 ? first_s + j : -1;
     }
     carry += total;
+    carry_s += total_s;
   }
   if (threadIdx.x == 0) {
     const int64_t n = carry < max_tiles ? carry : max_tiles;
-    tiles[4 * max_tiles] = n;
-    if (count_out != nullptr) *count_out = n;
+    tiles[kTileFields * max_tiles] = n;
+    if (count_out != nullptr) {
+      count_out[0] = n;
+      count_out[1] = carry_s;
+    }
   }
 }
 
@@ -315,7 +323,7 @@ void launch_batched_expand_b(const acc_type_t<scalar_t>* partial, int splits, in
                         "batched expand_b: tile ", plan.tile);
   auto kernel = plan.tile == kLargeTile ? &batched_expand_b_kernel<scalar_t, kLargeTile>
                                         : &batched_expand_b_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, p, values, plan, chunks_per_block,
                                            accumulate, y);
   LORI_LAUNCH_CHECK();

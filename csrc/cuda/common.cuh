@@ -7,8 +7,12 @@
 #include <cuda_runtime.h>
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "kernels.cuh"
 #include "lori/bitmask.h"
@@ -153,9 +157,11 @@ __device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int6
   __syncthreads();
 }
 
-// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, c0 + j] (+-1, or the
-// uniform unit rounded to bf16/fp16), zero for r >= rank; A's magnitude is left to the caller's
-// fp32 epilogue. c0 a multiple of 64. words_s: RP * 4 scratch. All threads call it; it syncs
+// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, c0 + j] (+-1, exact;
+// or the uniform unit rounded to bf16/fp16, 2^-9 relative error), zero for r >= rank; A's
+// magnitude is left to the caller's fp32 epilogue. shrink_a_mma (whose h sparse_delta_fwd
+// returns) calls it for Rademacher only; expand_a_mma (grad_x, rounded to bf16/fp16 anyway)
+// for both. c0 a multiple of 64. words_s: RP * 4 scratch. All threads call it; it syncs
 // between its phases but not before (the caller orders earlier readers) or after.
 template <typename scalar_t, int RP>
 __device__ __forceinline__ void gen_a_units_mma(const AGen& g, int rank, int64_t c0,
@@ -252,18 +258,20 @@ struct Tile {
   int64_t start;  // sorted position of the tile's first token
   int len;        // tokens in the tile, clamped to [0, TT]
   int seg_tiles;  // > 0 on a group's first tile: the group's tile count
+  int64_t slot;   // index among the tiles of multi-tile groups; -1 for a single-tile group
 };
 
 // Tile i of the plan, or len 0 (nothing to do) past the tile count. Block-uniform.
 __device__ __forceinline__ Tile load_tile(const TilePlan& plan, int64_t i, int TT) {
-  Tile t{0, 0, 0, 0};
-  if (i >= plan.max_tiles || i >= plan.tiles[4 * plan.max_tiles]) return t;
-  const int64_t* r = plan.tiles + 4 * i;
+  Tile t{0, 0, 0, 0, -1};
+  if (i >= plan.max_tiles || i >= plan.tiles[kTileFields * plan.max_tiles]) return t;
+  const int64_t* r = plan.tiles + kTileFields * i;
   const int64_t len = r[2];
   t.group = r[0];
   t.start = r[1];
   t.len = len < 0 ? 0 : (len > TT ? TT : static_cast<int>(len));
   t.seg_tiles = static_cast<int>(r[3]);
+  t.slot = r[4];
   return t;
 }
 
@@ -296,14 +304,34 @@ __device__ __forceinline__ void load_tile_tokens(const TilePlan& plan, const Til
   if (t < TT) toks[t] = t < tl.len ? plan.perm[tl.start + t] : 0;
 }
 
+// The most dynamic shared memory (a (tile, rank) acc_t tile) a launcher requests for a
+// `tile`-token kernel: 64-token tiles serve rank <= kLargeTileMaxRank only (token_tile,
+// batched_tile), 16-token tiles any rank <= kMaxRank.
+template <typename acc_t>
+inline size_t max_tile_smem(int tile) {
+  const int max_rank = tile == kLargeTile ? kLargeTileMaxRank : kMaxRank;
+  return static_cast<size_t>(tile) * max_rank * sizeof(acc_t);
+}
+
 // Kernels whose dynamic shared memory (a (tokens, rank) tile) can pass the default 48 KB
-// budget together with their static buffers: raise the limit for this launch's size.
-template <typename Kernel>
-inline void raise_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 16 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+// budget together with their static buffers. Sets the kernel's limit to the largest size its
+// launcher can request (max_tile_smem), once per (kernel, device) under a lock, so a launch
+// never depends on another thread's setting and costs no driver call after the first; checks
+// that this launch's `bytes` fits.
+template <typename acc_t, typename Kernel>
+inline void raise_dynamic_smem(Kernel kernel, int tile, size_t bytes) {
+  const size_t cap = max_tile_smem<acc_t>(tile);
+  TORCH_INTERNAL_ASSERT(bytes <= cap, "dynamic shared memory ", bytes, " > ", cap,
+                        " bytes for a ", tile, "-token tile");
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel),
+                                        static_cast<int>(c10::cuda::current_device()));
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(cap)));
+  done.insert(key);
 }
 
 // Throws (through the launcher) on a launch error.

@@ -79,7 +79,7 @@ inline Split plan_split(int64_t len, int64_t quantum, int64_t tiles, int sms,
 }
 
 inline int token_tile(int64_t T, at::ScalarType t, int64_t rank) {
-  return T > kSmallTile && t != at::kDouble && rank <= 128 ? kLargeTile : kSmallTile;
+  return T > kSmallTile && t != at::kDouble && rank <= kLargeTileMaxRank ? kLargeTile : kSmallTile;
 }
 
 }  // namespace lori::cuda

@@ -47,6 +47,7 @@ struct BMask {
 // kLargeTile for prefill (A tiles generated once per block serve this many tokens).
 constexpr int kSmallTile = 16;
 constexpr int kLargeTile = 64;
+constexpr int kLargeTileMaxRank = 128;  // larger ranks (and float64) take kSmallTile
 // Tensor-core (wmma, sm_80+) kernels: 4 warps of 16 tokens (or rows), bf16/fp16 in, fp32 acc.
 constexpr int kMmaTM = 64;
 constexpr int kMmaThreads = 128;
@@ -66,8 +67,9 @@ void launch_expand_b(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
                      const BMask& b, const scalar_t* values, double scale, int tile,
                      int64_t chunks_per_block, scalar_t* y, cudaStream_t stream);
 
-// Tensor-core forward (bf16/fp16, rank <= 64): same contract as launch_shrink_a with A's
-// magnitude folded in (partial holds h itself). Returns false when it does not apply.
+// Tensor-core forward (bf16/fp16, rank <= 64, Rademacher A): same contract as launch_shrink_a
+// with A's magnitude folded in (partial holds h itself). Returns false when it does not apply
+// (uniform A included: its units are not exact in bf16/fp16).
 template <typename scalar_t>
 bool launch_shrink_a_mma(const scalar_t* x, int64_t T, int64_t in, const AGen& g, int rank,
                          int splits, int64_t slice_cols, acc_type_t<scalar_t>* partial,
@@ -141,20 +143,31 @@ struct BatchedPool {
 // when it is in [0, N), else N (the "no adapter" group: -1 and, unvalidated, out-of-range
 // ids); perm = a stable argsort of keys, so a group's tokens are perm[start, start + len).
 // Each group is cut into tiles of at most `tile` tokens; tile i is the int64 row
-// tiles[4 i .. 4 i + 3] = (group, start, len, seg_tiles) with seg_tiles = the number of tiles
-// of its group on the group's first tile and 0 on the others; tiles[4 max_tiles] = the number
-// of tiles. A grid over tiles uses blockIdx.x = tile; blocks past the count exit.
-// max_tiles = ceil(T / tile) + min(T, N + 1) bounds the count, so every token is in a tile.
+// tiles[5 i .. 5 i + 4] = (group, start, len, seg_tiles, slot) with seg_tiles = the number of
+// tiles of its group on the group's first tile and 0 on the others, and slot = the tile's index
+// among the tiles of multi-tile groups (consecutive within a group), -1 for the tile of a
+// single-tile group; tiles[5 max_tiles] = the number of tiles. A grid over tiles uses
+// blockIdx.x = tile; blocks past the count exit. max_tiles = ceil(T / tile) + min(T, N + 1)
+// bounds the tile count, so every token is in a tile; plan_max_slots bounds the slot count.
+constexpr int kTileFields = 5;
 struct TilePlan {
   const int64_t* perm;   // (T,) sorted position -> token
-  const int64_t* tiles;  // (4 max_tiles + 1,)
+  const int64_t* tiles;  // (kTileFields max_tiles + 1,)
   int64_t max_tiles;
   int tile;
+  int64_t max_slots;  // rows of the per-slot buffer a kernel indexes by slot (0: none)
 };
 
 inline int64_t plan_max_tiles(int64_t T, int64_t adapters, int tile) {
   const int64_t groups = adapters + 1 < T ? adapters + 1 : T;
   return (T + tile - 1) / tile + groups;
+}
+
+// Slots (tiles of groups longer than one tile): a group of L > tile tokens has
+// ceil(L / tile) <= L / tile + 1 tiles and there are at most T / (tile + 1) such groups, so
+// the count is at most ceil(T / tile) + floor(T / (tile + 1)), whatever the number of adapters.
+inline int64_t plan_max_slots(int64_t T, int tile) {
+  return (T + tile - 1) / tile + T / (tile + 1);
 }
 
 // keys (T,) from ids (int32 when !ids64, else int64). When bad != nullptr (validation), also
@@ -165,7 +178,8 @@ void launch_batched_keys(const void* ids, bool ids64, int64_t T, const BatchedPo
                          int64_t* keys, unsigned long long* bad, cudaStream_t stream);
 
 // Builds the tile list from the sorted keys (one block). When count_out != nullptr the tile
-// count is also written there (the host reads it with the validation flags in one copy).
+// count and the slot count are also written to count_out[0] and count_out[1] (the host reads
+// them with the validation flags in one copy).
 void launch_batched_plan(const int64_t* sorted_keys, int64_t T, int64_t adapters, int tile,
                          int64_t max_tiles, int64_t* tiles, int64_t* count_out,
                          cudaStream_t stream);
@@ -200,11 +214,14 @@ void launch_batched_expand_a(const acc_type_t<scalar_t>* partial, int splits, in
                              int64_t in, const BatchedPool& p, const TilePlan& plan,
                              int64_t grid_tiles, scalar_t* gx, cudaStream_t stream);
 
-// gbp[i, o, k] = sum_{q in tile i} gy[perm[q], o] * h[q, k] (h (T, R) summed, sorted order),
-// then for each group's first tile: gacc[value_start + p] += scales[a] * sum over the group's
-// tiles of gbp[., o, k] for pattern entry p = (o, k), one atomicAdd per (entry, group): an
-// entry of one adapter gets a single add onto 0 (exact, deterministic); adapters sharing a
-// value range sum their gradients. gbp: (grid_tiles, out, rank).
+// G_i[o, k] = sum_{q in tile i} gy[perm[q], o] * h[q, k] (h (T, R) summed, sorted order).
+// A single-tile group adds scales[a] * G_i[o, k] to gacc[value_start + p] for each pattern
+// entry p = (o, k) straight from the tile's block; a tile of a multi-tile group stores G_i in
+// gbp[slot], and the group's first tile then adds scales[a] * sum over the group's slots (fixed
+// order). Either way one atomicAdd per (entry, group): an entry of one adapter gets a single
+// add onto 0 (exact, deterministic); adapters sharing a value range sum their gradients.
+// gbp: (plan.max_slots, out, rank), so its size depends on the tiles of multi-tile groups
+// (plan_max_slots), not on the number of groups.
 template <typename scalar_t>
 void launch_batched_grad_values(const scalar_t* gy, const acc_type_t<scalar_t>* h, int64_t T,
                                 const BatchedPool& p, const TilePlan& plan, int64_t grid_tiles,

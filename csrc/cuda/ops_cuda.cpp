@@ -10,7 +10,10 @@
 //
 // Dtypes: float32, bfloat16, float16 (fp32 accumulation) and float64 (fp64 accumulation, for
 // gradcheck; the same SIMT kernels). bf16/fp16 prefill (T > 16, rank <= 64) runs the x @ A^T
-// stage on tensor cores.
+// stage on tensor cores for Rademacher A only (its +-1 units are exact in bf16/fp16 and the
+// magnitude is applied in fp32 afterwards); uniform A takes the SIMT kernel, which uses A's fp32
+// values (docs/spec_a.md section 5: h, which sparse_delta_fwd returns, must not carry A rounded
+// to bf16).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -39,11 +42,12 @@ BMask to_bmask(const at::Tensor& mask, const at::Tensor& offsets, int64_t rank, 
                static_cast<int>(rank)};
 }
 
-// h partials (S, T, rank) = x2 @ A^T split over in_features (tensor cores where they apply).
+// h partials (S, T, rank) = x2 @ A^T split over in_features (tensor cores where they apply:
+// Rademacher only, see the header).
 std::pair<at::Tensor, int> shrink_a(const char* op, const at::Tensor& x2, const DeltaShape& s,
                                     cudaStream_t stream) {
   const int64_t T = s.tokens;
-  const bool mma_shape = T > kSmallTile && s.rank <= 64 &&
+  const bool mma_shape = T > kSmallTile && s.rank <= 64 && s.gen.dist == kRademacher &&
                          (x2.scalar_type() == at::kBFloat16 || x2.scalar_type() == at::kHalf) &&
                          has_bf16_mma(x2.get_device());
   const int tile = mma_shape ? kLargeTile : token_tile(T, x2.scalar_type(), s.rank);
@@ -137,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_fwd_cuda(
     const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
     const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
     double scale) {
-  return forward_impl("sparse_delta_fwd", x, mask, values, offsets, rank, seed, distribution,
+  // Errors name "sparse_delta", as the CPU backend's do for both forward ops.
+  return forward_impl("sparse_delta", x, mask, values, offsets, rank, seed, distribution,
                       scale, true);
 }
 

@@ -5,10 +5,11 @@
 // Adapter ids and the pool's metadata live on the device. By default each call validates them
 // the way the CPU backend does (ids in [-1, N); for each adapter a token uses: offsets[a, 0] ==
 // 0, its value extent inside `values`, distribution 1 or 2), with the same error messages: one
-// small kernel writes flags that the host reads in one 32-byte device-to-host copy, after the
+// small kernel writes flags that the host reads in one 48-byte device-to-host copy, after the
 // tile plan is built. That copy synchronizes the host with the stream: it costs a round trip
 // (~10-20 us) plus waiting for the work queued before the call, and so prevents CPU/GPU
-// overlap. It also gives the host the exact tile count, so the grids are sized exactly.
+// overlap. It also gives the host the exact tile and slot counts, so the grids and the
+// backward's grad_values buffer are sized exactly.
 // LORI_BATCHED_VALIDATE=0 turns it off (no sync); it is also skipped while the stream is being
 // captured into a CUDA graph. Unvalidated input stays memory-safe: ids outside [0, N) act as
 // -1 (zero delta, zero gradient), value extents are clamped into `values`, and, as for
@@ -79,7 +80,7 @@ PoolTensors pool_view(const at::Tensor& masks, const at::Tensor& offsets,
 // tokens (prefill), else 16. T / min(T, N) is a lower bound of that average known without
 // reading the ids.
 int batched_tile(int64_t T, int64_t N, at::ScalarType t, int64_t rank) {
-  if (t == at::kDouble || rank > 128) return kSmallTile;  // shared-memory budget
+  if (t == at::kDouble || rank > kLargeTileMaxRank) return kSmallTile;  // shared-memory budget
   const int64_t groups = std::max<int64_t>(1, std::min(T, N));
   return T / groups > kSmallTile ? kLargeTile : kSmallTile;
 }
@@ -88,6 +89,7 @@ struct Grouping {
   at::Tensor perm, tiles, tiles_gb;
   TilePlan plan{}, plan_gb{};
   int64_t grid = 0, grid_gb = 0;  // tile counts (exact when validated, else the bounds)
+  int64_t slots_gb = 0;           // slots of plan_gb (exact when validated, else the bound)
 };
 
 // keys -> stable sort -> tile plan(s); validates (one sync) unless disabled. gb_tile > 0 also
@@ -99,8 +101,9 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const PoolTensors& 
   const bool validate = validation_enabled(stream);
   const auto opts = idc.options().dtype(at::kLong);
   at::Tensor keys = at::empty({T}, opts);
-  // [first bad token, first bad adapter, tile count, grad tile count]; -1 = ULLONG_MAX = none.
-  at::Tensor info = validate ? at::full({4}, -1, opts) : at::Tensor();
+  // [first bad token, first bad adapter, tile count, (its slot count), grad tile count, grad
+  // slot count]; -1 = ULLONG_MAX = none.
+  at::Tensor info = validate ? at::full({6}, -1, opts) : at::Tensor();
   int64_t* infop = validate ? info.data_ptr<int64_t>() : nullptr;
   launch_batched_keys(idc.data_ptr(), idc.scalar_type() == at::kLong, T, pt.p,
                       keys.data_ptr<int64_t>(),
@@ -109,16 +112,19 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const PoolTensors& 
   const at::Tensor sorted_keys = std::get<0>(sorted);
   Grouping g;
   g.perm = std::get<1>(sorted);
-  auto build = [&](int tl, at::Tensor& tiles, TilePlan& plan, int64_t& grid, int slot) {
+  auto build = [&](int tl, at::Tensor& tiles, TilePlan& plan, int64_t& grid, int at) {
     const int64_t max_tiles = plan_max_tiles(T, N, tl);
-    tiles = at::empty({4 * max_tiles + 1}, opts);
+    tiles = at::empty({kTileFields * max_tiles + 1}, opts);
     launch_batched_plan(sorted_keys.data_ptr<int64_t>(), T, N, tl, max_tiles,
-                        tiles.data_ptr<int64_t>(), validate ? infop + slot : nullptr, stream);
-    plan = TilePlan{g.perm.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(), max_tiles, tl};
+                        tiles.data_ptr<int64_t>(), validate ? infop + at : nullptr, stream);
+    plan = TilePlan{g.perm.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(), max_tiles, tl, 0};
     grid = max_tiles;
   };
   build(tile, g.tiles, g.plan, g.grid, 2);
-  if (gb_tile > 0) build(gb_tile, g.tiles_gb, g.plan_gb, g.grid_gb, 3);
+  if (gb_tile > 0) {
+    build(gb_tile, g.tiles_gb, g.plan_gb, g.grid_gb, 4);
+    g.slots_gb = std::min(plan_max_slots(T, gb_tile), g.grid_gb);
+  }
   if (validate) {
     const at::Tensor h = info.cpu();  // the one synchronization
     const int64_t* hv = h.data_ptr<int64_t>();
@@ -135,8 +141,13 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const PoolTensors& 
       TORCH_INTERNAL_ASSERT(false, op, ": adapter ", a, " flagged on the device but not here");
     }
     g.grid = hv[2];
-    if (gb_tile > 0) g.grid_gb = hv[3];
+    if (gb_tile > 0) {
+      g.grid_gb = hv[4];
+      g.slots_gb = hv[5];
+    }
   }
+  // The kernels index gbp by slot only below plan_gb.max_slots = the rows allocated for it.
+  g.plan_gb.max_slots = g.slots_gb;
   return g;
 }
 
@@ -187,16 +198,17 @@ at::Tensor batched_sparse_delta_cuda(const at::Tensor& x, const at::Tensor& ids,
   const at::Tensor v = values.contiguous();
   const int64_t nch = s.chunks;
   const int sms = sm_count(x.get_device());
+  // Chunks per block: up to 4 (h read once per 256 rows) while >= 4 blocks per SM remain.
+  // Checked before shrink_a runs, so a too-large B fails before any work is queued.
+  int64_t cpb = 4;
+  while (cpb > 1 && g.grid * ((nch + cpb - 1) / cpb) < 4 * sms) cpb /= 2;
+  check_grid_y(op, (nch + cpb - 1) / cpb, "64-row chunk groups of B");
   auto hp = batched_shrink_a(op, x2, s, pt, g, stream);
   // Prefill: each chunk-group block would re-read all S partials of its tile, so they are
   // summed once first (rows of "no adapter" tokens hold garbage there and are never read).
   const bool presum = hp.second > 1 && T > kSmallTile;
   const at::Tensor partial = presum ? hp.first.sum(0, /*keepdim=*/true) : hp.first;
   const int splits = presum ? 1 : hp.second;
-  // Chunks per block: up to 4 (h read once per 256 rows) while >= 4 blocks per SM remain.
-  int64_t cpb = 4;
-  while (cpb > 1 && g.grid * ((nch + cpb - 1) / cpb) < 4 * sms) cpb /= 2;
-  check_grid_y(op, (nch + cpb - 1) / cpb, "64-row chunk groups of B");
   dispatch(op, x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     launch_batched_expand_b<scalar_t>(partial.data_ptr<acc_type_t<scalar_t>>(), splits, T, pt.p,
@@ -225,6 +237,8 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cuda(
   at::Tensor gv = need_values ? at::zeros({values.numel()}, values.options())
                               : at::empty({0}, values.options());
   if (T == 0) return {gx, gv};
+  // Grid limits first, before any kernel runs.
+  if (work && need_values) check_grid_y(op, nch, "64-row chunks of B");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(x.get_device());
   const PoolTensors pt = pool_view(masks, offsets, value_starts, seeds, scales, distributions,
@@ -269,8 +283,9 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cuda(
     const auto hp = batched_shrink_a(op, x2, s, pt, g, stream);
     // (T, rank) in sorted order; a plain sum over dim 0: fixed order, deterministic.
     const at::Tensor h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
-    check_grid_y(op, nch, "64-row chunks of B");
-    at::Tensor gbp = at::empty({g.grid_gb, out, rank}, acc);
+    // Per-slot partials of multi-tile groups only (single-tile groups add straight into
+    // grad_values): at most plan_max_slots(T, gb_tile) * out * rank, independent of N.
+    at::Tensor gbp = at::empty({g.slots_gb, out, rank}, acc);
     // fp32 / fp64 values take the atomics directly; bf16 / fp16 go through an fp32 buffer.
     const bool direct = values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble;
     at::Tensor gacc = direct ? gv : at::zeros({values.numel()}, acc);

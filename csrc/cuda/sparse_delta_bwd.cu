@@ -407,7 +407,7 @@ void launch_expand_a(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
   const size_t smem = static_cast<size_t>(tile) * rank * sizeof(acc_type_t<scalar_t>);
   auto kernel = tile == kLargeTile ? &expand_a_kernel<scalar_t, kLargeTile>
                                    : &expand_a_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, g, rank, scale, gx);
   LORI_LAUNCH_CHECK();
 }

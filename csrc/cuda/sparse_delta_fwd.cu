@@ -5,9 +5,11 @@
 //    one token tile, so the slices are what fills the GPU). Each block generates its A tile
 //    (32 ranks x 64 columns) into shared memory once per 64 columns and reuses it for all the
 //    tile's tokens (16 for decode, 64 for prefill); A never reaches global memory.
-//    bf16/fp16 prefill (T > 16, rank <= 64) takes shrink_a_mma: 64 tokens x rank on tensor
-//    cores (wmma bf16/fp16 -> fp32), A as exact +-1 / uniform units in the tile and its
-//    magnitude applied in fp32 in the epilogue; x tiles are loaded one step ahead.
+//    bf16/fp16 prefill (T > 16, rank <= 64) with Rademacher A takes shrink_a_mma: 64 tokens x
+//    rank on tensor cores (wmma bf16/fp16 -> fp32), A as exact +-1 units in the tile and its
+//    magnitude applied in fp32 in the epilogue; x tiles are loaded one step ahead. Uniform A
+//    stays on the SIMT kernel: its units would round to bf16/fp16 in the tile, and h (which
+//    sparse_delta_fwd returns for grad_values) must come from A's fp32 values.
 // 2. Prefill only: the S partials are summed once (at::sum over dim 0, fixed order).
 // 3. expand_b: grid (token tiles, groups of up to 4 64-row chunks of B). Sums the partials into
 //    h in shared memory (decode), then each thread owns one output row o and a quarter of the
@@ -78,8 +80,10 @@ constexpr int kMmaLd = kAColTile + 8;  // 144 bytes: 16-byte rows, 32-byte fragm
 // Block: 64 tokens x RP ranks (RP = rank rounded up to 32, <= 64) over one column slice.
 // Per 64-column step: the x tile's loads (16 bytes per thread-load, held in registers) are
 // issued one step ahead, so they are in flight while the previous tile's mma runs and this
-// step's A tile (+-1 or uniform units, exact in bf16 for Rademacher) is generated; then each
-// warp does 16 tokens x RP with 4 k-steps of 16x16x16 wmma.
+// step's A tile (+-1 units, exact in bf16/fp16) is generated; then each warp does 16 tokens x
+// RP with 4 k-steps of 16x16x16 wmma. The products x * (+-1) are exact and accumulate in fp32;
+// the epilogue multiplies by A's fp32 magnitude. Rademacher only (the launcher declines
+// uniform A).
 template <typename scalar_t, int RP>
 __global__ void __launch_bounds__(kMmaThreads)
     shrink_a_mma_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t in, AGen g, int rank,
@@ -291,7 +295,10 @@ bool launch_shrink_a_mma(const scalar_t* x, int64_t T, int64_t in, const AGen& g
                          int splits, int64_t slice_cols, acc_type_t<scalar_t>* partial,
                          cudaStream_t stream) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
-    if (rank > 64 || in % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) return false;
+    if (g.dist != kRademacher || rank > 64 || in % 8 != 0 ||
+        reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+      return false;
+    }
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kMmaTM)), static_cast<unsigned>(splits));
     if (rank <= 32) {
       shrink_a_mma_kernel<scalar_t, 32>
@@ -316,7 +323,7 @@ void launch_expand_b(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
   const size_t smem = static_cast<size_t>(tile) * b.rank * sizeof(acc_type_t<scalar_t>);
   auto kernel = tile == kLargeTile ? &expand_b_kernel<scalar_t, kLargeTile>
                                    : &expand_b_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem(kernel, smem);
+  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
   kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, b, values, scale,
                                                 chunks_per_block, y);
   LORI_LAUNCH_CHECK();
