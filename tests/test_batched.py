@@ -35,7 +35,7 @@ def test_forward_mixes(mix, idle, T, dtype):
     x = torch.randn(T, IN, generator=g).to(dtype)
     y = L.batched_sparse_delta(x, ids, pool)
     loop, ref, base = loop_references(x, ids, pool)
-    check_rule(y, loop, ref, base, f"{mix} idle={idle} T={T}")
+    check_rule(y, loop, ref, base, f"{mix} idle={idle} T={T}", ids=ids)
     if idle and T:
         assert torch.count_nonzero(y[ids < 0]) == 0
 
@@ -51,7 +51,7 @@ def test_segment_sizes_and_paths(ids_dtype):
     for order in (ids, ids[torch.randperm(ids.numel(), generator=g)]):
         x = torch.randn(order.numel(), 300, generator=g)
         y = L.batched_sparse_delta(x, order.to(ids_dtype), pool)
-        check_rule(y, *loop_references(x, order, pool))
+        check_rule(y, *loop_references(x, order, pool), ids=order)
 
 
 def test_large_shape():
@@ -59,7 +59,7 @@ def test_large_shape():
     pool = make_pool(8, inp=1100, out=1100, rank=40, seed=3)
     ids = mix_ids("zipf64", 90, 8, True, g)
     x = torch.randn(90, 1100, generator=g)
-    check_rule(L.batched_sparse_delta(x, ids, pool), *loop_references(x, ids, pool))
+    check_rule(L.batched_sparse_delta(x, ids, pool), *loop_references(x, ids, pool), ids=ids)
 
 
 def test_accumulate_form_and_3d():
@@ -75,7 +75,7 @@ def test_accumulate_form_and_3d():
     flat = ids.reshape(-1) < 0
     assert torch.equal(y.reshape(-1, OUT)[flat], base.reshape(-1, OUT)[flat])
     assert torch.count_nonzero(delta.reshape(-1, OUT)[flat]) == 0
-    check_rule(delta.reshape(-1, OUT), *loop_references(x.reshape(-1, IN), ids, pool))
+    check_rule(delta.reshape(-1, OUT), *loop_references(x.reshape(-1, IN), ids, pool), ids=ids)
 
 
 def test_noncontiguous_inputs():
@@ -88,7 +88,7 @@ def test_noncontiguous_inputs():
     assert not x.is_contiguous() and not ids.is_contiguous()
     y = L.batched_sparse_delta(x, ids, pool)
     assert torch.equal(y, L.batched_sparse_delta(x.contiguous(), ids.contiguous(), pool))
-    check_rule(y, *loop_references(x, ids, pool))
+    check_rule(y, *loop_references(x, ids, pool), ids=ids)
 
 
 def test_bf16_accumulate_rounds_once():

@@ -104,7 +104,7 @@ def test_forward_mixes(mix, idle, T):
     x = torch.randn(T, IN, generator=g)
     y = _run(x, ids, pool)
     loop, ref, base = loop_references(x, ids, pool)
-    check_rule(y, loop, ref, base, f"{mix} idle={idle} T={T}")
+    check_rule(y, loop, ref, base, f"{mix} idle={idle} T={T}", ids=ids)
     if idle and T:
         assert torch.count_nonzero(y[ids < 0]) == 0
     if T:
@@ -121,7 +121,7 @@ def test_forward_dtypes(dtype):
     y = _run(x, ids, pool)
     assert y.dtype == dtype
     loop, ref, base = loop_references(x, ids, pool)
-    check_rule(y, loop, ref, base, str(dtype))
+    check_rule(y, loop, ref, base, str(dtype), ids=ids)
     if dtype == torch.float64:
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
 
