@@ -116,13 +116,16 @@ def test_backward_against_reference(dtype, dist, T):
     assert_within_rule(values.grad, rgv, bgv, "grad_values")
 
 
-@pytest.mark.parametrize("rank, inp", [(32, 4096 + 300), (128, 2500)])
-def test_several_a_tiles(rank, inp):
+@pytest.mark.parametrize("rank, inp, T, dtype", [(32, 4096 + 300, 20, torch.float32),
+                                                 (128, 2500, 20, torch.float32),
+                                                 (32, 3600, 600, torch.bfloat16)])
+def test_several_a_tiles(rank, inp, T, dtype):
     # The GEMM paths (T > 16) generate A in column tiles of 1024-4096 columns by rank
-    # (delta_common.h gemm_tile): cross tile edges, with a last tile not a multiple of 128.
+    # (delta_common.h gemm_tile; narrower for bf16 x at large T, delta_common.cpp): cross
+    # tile edges, with a last tile not a multiple of 128.
     g = _gen(rank + inp)
-    x = torch.randn(20, inp, generator=g).requires_grad_()
-    b = random_packed(70, rank, density=0.2, generator=g)
+    x = torch.randn(T, inp, generator=g).to(dtype).requires_grad_()
+    b = random_packed(70, rank, density=0.2, generator=g, dtype=dtype)
     values = b.values.clone().requires_grad_()
     _check_forward(x.detach(), b, 11, "uniform", 1.5, f"rank={rank} in={inp}")
     y = L.sparse_delta(x, b.with_values(values), seed=11, distribution="uniform", scale=1.5)
