@@ -245,6 +245,22 @@ LORI_AVX512 inline __m512 reduce16(const __m512* a) {
       _mm512_mask_blend_ps(0xAAAA, w[0], w[1]));
 }
 
+template <int NV>
+LORI_AVX512 inline void accumulate_rows_nv(const float* v, const int32_t* ks, const int32_t* st,
+                                           int64_t nrows, const float* hT, int64_t Tp,
+                                           int64_t tg, float* yT, int64_t ldy) {
+  for (int64_t i = 0; i < nrows; ++i) {
+    __m512 acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t e = st[i]; e < st[i + 1]; ++e) {
+      const __m512 bv = _mm512_set1_ps(v[e]);
+      const float* hk = hT + static_cast<int64_t>(ks[e]) * Tp + tg;
+      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(hk + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(yT + i * ldy + 16 * j, acc[j]);
+  }
+}
+
 // Rows d[0, n) (n <= 16) of one token's output = lanes of v (+ d's old values when
 // accumulating), converted to scalar_t once.
 template <typename scalar_t>
@@ -384,6 +400,17 @@ LORI_AVX512 int64_t expand_1t_w1(const BView& b, int64_t rank, int64_t nnz, cons
 }
 
 }  // namespace
+
+LORI_AVX512 void accumulate_rows_avx512(const float* v, const int32_t* ks, const int32_t* st,
+                                        int64_t nrows, const float* hT, int64_t Tp, int64_t tg,
+                                        int64_t ng, float* yT, int64_t ldy) {
+  switch (ng / 16) {
+    case 1: return accumulate_rows_nv<1>(v, ks, st, nrows, hT, Tp, tg, yT, ldy);
+    case 2: return accumulate_rows_nv<2>(v, ks, st, nrows, hT, Tp, tg, yT, ldy);
+    case 3: return accumulate_rows_nv<3>(v, ks, st, nrows, hT, Tp, tg, yT, ldy);
+    default: return accumulate_rows_nv<4>(v, ks, st, nrows, hT, Tp, tg, yT, ldy);
+  }
+}
 
 template <typename scalar_t>
 int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,

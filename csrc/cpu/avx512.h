@@ -29,6 +29,13 @@ void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int64_t ldx,
 // out[t] = sum_j x[t, j] for j < n.
 void row_sums_avx512(const float* x, int64_t T, int64_t n, int64_t ldx, float* out);
 
+// Prefill B stage, the accumulate step of apply_b_avx2 (b_stage.h) 16 tokens wide: for rows
+// i < nrows of a chunk, yT[i * ldy + t] = sum over the row's entries e in [st[i], st[i+1]) of
+// v[e] * hT[ks[e] * Tp + tg + t], for t < ng (a multiple of 16, at most 64).
+void accumulate_rows_avx512(const float* v, const int32_t* ks, const int32_t* st, int64_t nrows,
+                            const float* hT, int64_t Tp, int64_t tg, int64_t ng, float* yT,
+                            int64_t ldy);
+
 // Decode B stage (T <= 4): same contract as apply_b_expand_avx2 (b_stage.h).
 template <typename scalar_t>
 int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,

@@ -84,8 +84,9 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
       }
     }
   }
-  alignas(32) float yT[kRowChunk * kYGroup];
+  alignas(64) float yT[kRowChunk * kYGroup];
   const __m256 vscale = _mm256_set1_ps(scale);
+  const bool avx512 = use_avx512();
   for (int64_t tg = 0; tg < Tp; tg += kYGroup) {
     const int64_t ng = std::min(kYGroup, Tp - tg);  // multiple of 8
     for (int64_t c = c0; c < c1; ++c) {
@@ -93,18 +94,22 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
       const int32_t* st = starts.data() + (c - c0) * (kRowChunk + 1);
       const int32_t* kc = ks.data() + (b.offsets[c] - e_base);
       const float* v = b.values + b.offsets[c];
-      for (int64_t i = 0; i < nrows; ++i) {
-        float* dst = yT + i * kYGroup;
-        // Register accumulators for every group width (T = 16 is a common batch).
-        switch (ng / 8) {
-          case 1: row_accumulate<1>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          case 2: row_accumulate<2>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          case 3: row_accumulate<3>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          case 4: row_accumulate<4>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          case 5: row_accumulate<5>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          case 6: row_accumulate<6>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          case 7: row_accumulate<7>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
-          default: row_accumulate<8>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+      if (avx512 && ng % 16 == 0) {
+        accumulate_rows_avx512(v, kc, st, nrows, hT, Tp, tg, ng, yT, kYGroup);
+      } else {
+        for (int64_t i = 0; i < nrows; ++i) {
+          float* dst = yT + i * kYGroup;
+          // Register accumulators for every group width (T = 16 is a common batch).
+          switch (ng / 8) {
+            case 1: row_accumulate<1>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            case 2: row_accumulate<2>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            case 3: row_accumulate<3>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            case 4: row_accumulate<4>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            case 5: row_accumulate<5>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            case 6: row_accumulate<6>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            case 7: row_accumulate<7>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+            default: row_accumulate<8>(v, kc, st[i], st[i + 1], hT, Tp, tg, dst); break;
+          }
         }
       }
       for (int64_t tb = 0; tb < ng; tb += 8) {
