@@ -202,43 +202,47 @@ void dot_rows_scalar(const float* x, int64_t T, int64_t n, int64_t ldx, const Ro
 
 }  // namespace
 
+DirectA::DirectA(const float* x, int64_t T, int64_t ldx, const DeltaShape& s)
+    : x_(x), T_(T), ldx_(ldx), s_(s), isa_(cpu_isa()), signs_(s.gen.dist == kRademacher),
+      nb_(((s.in_features - 1) >> elems_per_block_log2(s.gen.dist)) + 1) {
+  TORCH_INTERNAL_ASSERT(T <= kDirectMaxTokens, "DirectA: T = ", T);
+  if (signs_ && isa_ >= 2) row_sums_avx512(x, T, s.in_features, ldx, xsum_);
+}
+
+void DirectA::rows(int64_t r0, int64_t r1, float* h, int64_t ldh) const {
+  const int64_t in = s_.in_features;
+  // Grow-only per thread: batched decode runs this once per adapter.
+  thread_local std::vector<float> row;
+  thread_local std::vector<uint32_t> words;
+  if (signs_) {
+    if (words.size() < static_cast<size_t>(4 * nb_)) words.resize(static_cast<size_t>(4 * nb_));
+  } else if (row.size() < static_cast<size_t>(in)) {
+    row.resize(static_cast<size_t>(in));
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    RowA a;
+    if (signs_) {
+      gen_a_words(s_.gen, r, r + 1, 0, nb_, words.data());
+      a.signs = words.data();
+      a.magnitude = s_.gen.magnitude;
+    } else {
+      gen_a_tile(s_.gen, r, r + 1, 0, in, row.data(), in);
+      a.values = row.data();
+    }
+    if (signs_ && isa_ >= 2) {
+      dot_rows_signs_avx512(x_, T_, in, ldx_, a.signs, a.magnitude, xsum_, h + r * ldh);
+    } else if (isa_ >= 1) {
+      dot_rows_avx2(x_, T_, in, ldx_, a, h + r * ldh);
+    } else {
+      dot_rows_scalar(x_, T_, in, ldx_, a, h + r * ldh);
+    }
+  }
+}
+
 void compute_hT_direct(const float* xp, int64_t T, int64_t ldx, const DeltaShape& s, float* h,
                        int64_t ldh) {
-  const int64_t in = s.in_features;
-  const int isa = cpu_isa();
-  const bool signs = s.gen.dist == kRademacher;
-  const int64_t nb = ((in - 1) >> elems_per_block_log2(s.gen.dist)) + 1;
-  TORCH_INTERNAL_ASSERT(T <= kDirectMaxTokens, "compute_hT_direct: T = ", T);
-  float xsum[kDirectMaxTokens];
-  if (signs && isa >= 2) row_sums_avx512(xp, T, in, ldx, xsum);
-  at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) {
-    // Grow-only per thread: batched decode calls this once per adapter.
-    thread_local std::vector<float> row;
-    thread_local std::vector<uint32_t> words;
-    if (signs) {
-      if (words.size() < static_cast<size_t>(4 * nb)) words.resize(static_cast<size_t>(4 * nb));
-    } else if (row.size() < static_cast<size_t>(in)) {
-      row.resize(static_cast<size_t>(in));
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      RowA a;
-      if (signs) {
-        gen_a_words(s.gen, r, r + 1, 0, nb, words.data());
-        a.signs = words.data();
-        a.magnitude = s.gen.magnitude;
-      } else {
-        gen_a_tile(s.gen, r, r + 1, 0, in, row.data(), in);
-        a.values = row.data();
-      }
-      if (signs && isa >= 2) {
-        dot_rows_signs_avx512(xp, T, in, ldx, a.signs, a.magnitude, xsum, h + r * ldh);
-      } else if (isa >= 1) {
-        dot_rows_avx2(xp, T, in, ldx, a, h + r * ldh);
-      } else {
-        dot_rows_scalar(xp, T, in, ldx, a, h + r * ldh);
-      }
-    }
-  });
+  const DirectA a(xp, T, ldx, s);
+  at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) { a.rows(r0, r1, h, ldh); });
 }
 
 at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {

@@ -35,6 +35,23 @@ at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s);
 void compute_hT_direct(const float* x, int64_t T, int64_t ldx, const DeltaShape& s, float* h,
                        int64_t ldh);
 
+// The same in two steps, for callers that split A's rows over threads of their own:
+// construct once (sums x's rows), then rows(r0, r1, ...) from any thread.
+class DirectA {
+ public:
+  DirectA(const float* x, int64_t T, int64_t ldx, const DeltaShape& s);
+  void rows(int64_t r0, int64_t r1, float* h, int64_t ldh) const;
+
+ private:
+  const float* x_;
+  int64_t T_, ldx_;
+  const DeltaShape& s_;
+  int isa_;
+  bool signs_;
+  int64_t nb_;
+  float xsum_[kDirectMaxTokens] = {};
+};
+
 // Values as fp32 (a copy only when they are not fp32 already).
 at::Tensor values_f32(const at::Tensor& values);
 

@@ -6,6 +6,7 @@
 // into 8 contiguous outputs per token.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,32 +52,49 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   TORCH_CHECK_VALUE(offp[0] == 0, "sparse_delta: offsets[0] must be 0, got ", offp[0]);
   TORCH_CHECK_VALUE(offp[nchunks] == nnz, "sparse_delta: offsets[-1] = ", offp[nchunks],
                     " entries but values has ", nnz);
-  const at::Tensor hT = compute_hT(x2, s);
   const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
                 off.data_ptr<int32_t>(), s.out_features, s.words};
-  const float* h = hT.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  const bool decode = T <= kExpandMaxTokens;
+  at::Tensor hT;
+  if (decode) {
+    hT = at::zeros({rank, Tp}, x.options().dtype(at::kFloat));
+  } else {
+    hT = compute_hT(x2, s);
+  }
+  float* h = hT.data_ptr<float>();
   dispatch_io_type(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* yp = y.data_ptr<scalar_t>();
     std::atomic<int64_t> bad{-1};
-    // Decode: h as (T, words * 32) rows for the column-vectorized expand path.
-    const int64_t ld = s.words * 32;
-    alignas(64) float hrow[kExpandMaxTokens * kMaxRank] = {};  // (T, words * 32), zero past rank
-    if (T <= kExpandMaxTokens) {
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t k = 0; k < rank; ++k) hrow[t * ld + k] = h[k * Tp + t];
+    if (decode) {
+      // Decode: both stages in one parallel region (a fork/join is a few percent of a
+      // one-token call): A's rows split over the threads, a barrier, then B's chunks, each
+      // thread reading h as (T, words * 32) rows for the column-vectorized expand kernel.
+      const at::Tensor xf = x2.to(at::kFloat).contiguous();
+      const DirectA da(xf.data_ptr<float>(), T, s.in_features, s);
+      const int nt = at::in_parallel_region() ? 1 : static_cast<int>(at::get_num_threads());
+      const int64_t ld = s.words * 32;
+#pragma omp parallel num_threads(nt)
+      {
+        const int64_t tid = omp_get_thread_num(), n = omp_get_num_threads();
+        da.rows(rank * tid / n, rank * (tid + 1) / n, h, Tp);
+#pragma omp barrier
+        alignas(64) float hrow[kExpandMaxTokens * kMaxRank] = {};  // zero past rank
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t k = 0; k < rank; ++k) hrow[t * ld + k] = h[k * Tp + t];
+        }
+        const int64_t c = apply_b_expand_any<scalar_t>(T, b, rank, nnz, hrow, ld, sc, yp,
+                                                       nchunks * tid / n,
+                                                       nchunks * (tid + 1) / n);
+        if (c >= 0) bad.store(c);
       }
+    } else {
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        const int64_t c = apply_b_avx2<scalar_t>(b, rank, nnz, h, T, Tp, sc, yp, c0, c1);
+        if (c >= 0) bad.store(c);
+      });
     }
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      int64_t c = -1;
-      if (T <= kExpandMaxTokens) {
-        c = apply_b_expand_any<scalar_t>(T, b, rank, nnz, hrow, ld, sc, yp, c0, c1);
-      } else {
-        c = apply_b_avx2<scalar_t>(b, rank, nnz, h, T, Tp, sc, yp, c0, c1);
-      }
-      if (c >= 0) bad.store(c);
-    });
     if (bad.load() >= 0) check_bitmask_cpu("sparse_delta", mask, offsets, rank, nnz);  // names it
     TORCH_CHECK_VALUE(bad.load() < 0, "sparse_delta: mask and offsets disagree in chunk ",
                       bad.load());
