@@ -36,6 +36,14 @@ void accumulate_rows_avx512(const float* v, const int32_t* ks, const int32_t* st
                             const float* hT, int64_t Tp, int64_t tg, int64_t ng, float* yT,
                             int64_t ldy);
 
+// Prefill B stage, the store step of apply_b_avx2 for a chunk: y[token, row0 + i] (+)= scale *
+// yT[i * ldy + t] for rows i < nrows and tokens t < min(ng, ntok) (ng a multiple of 16), token t
+// at row tok[tg + t] of y (tok == nullptr: tg + t); 16x16 transposes, 16-wide stores.
+template <typename scalar_t>
+void store_chunk_avx512(const float* yT, int64_t ldy, int64_t nrows, int64_t ng, int64_t ntok,
+                        const int64_t* tok, int64_t tg, scalar_t* y, int64_t out, int64_t row0,
+                        float scale, bool accumulate);
+
 // Decode B stage (T <= 4): same contract as apply_b_expand_avx2 (b_stage.h).
 template <typename scalar_t>
 int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,

@@ -112,6 +112,11 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
           }
         }
       }
+      if (avx512 && ng % 16 == 0) {
+        store_chunk_avx512<scalar_t>(yT, kYGroup, nrows, ng, T - tg, tok, tg, y, b.out, row0,
+                                     scale, accumulate);
+        continue;
+      }
       for (int64_t tb = 0; tb < ng; tb += 8) {
         const int nt = static_cast<int>(std::min<int64_t>(8, T - tg - tb));
         if (nt <= 0) break;
