@@ -52,17 +52,18 @@ def test_forward_on_every_path(level, dtype, T):
 
 
 @pytest.mark.parametrize("level", ISAS)
-def test_backward_on_every_path(level):
+@pytest.mark.parametrize("T, rank", [(20, 33), (2, 32)])  # (2, 32): the AVX-512 decode backward
+def test_backward_on_every_path(level, T, rank):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 200, generator=g, requires_grad=True)
-    b = random_packed(70, 33, generator=g)
+    x = torch.randn(T, 200, generator=g, requires_grad=True)
+    b = random_packed(70, rank, generator=g)
     v = b.values.clone().requires_grad_()
     with isa(level):
-        L.sparse_delta(x, b.with_values(v), seed=2).backward(torch.ones(20, 70))
+        L.sparse_delta(x, b.with_values(v), seed=2).backward(torch.ones(T, 70))
     x2 = x.detach().double().requires_grad_()
     v2 = v.detach().double().requires_grad_()
-    dense = torch.zeros(70, 33, dtype=torch.float64).masked_scatter(b.bool_mask(), v2)
-    reference.sparse_delta(x2, dense, 2, "rademacher", 1.0).backward(torch.ones(20, 70, dtype=torch.float64))
+    dense = torch.zeros(70, rank, dtype=torch.float64).masked_scatter(b.bool_mask(), v2)
+    reference.sparse_delta(x2, dense, 2, "rademacher", 1.0).backward(torch.ones(T, 70, dtype=torch.float64))
     torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v.grad.double(), v2.grad, rtol=1e-4, atol=1e-4)
 

@@ -137,6 +137,45 @@ def test_several_a_tiles(rank, inp, T, dtype):
     assert_within_rule(values.grad, rgv, bgv, "grad_values")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("rank", [1, 17, 32])
+def test_backward_decode(dtype, dist, T, rank):
+    # T <= 4 with rank <= 32 takes the decode backward on AVX-512 CPUs (one walk over B's rows;
+    # Rademacher grad_x from A's sign bits): out not a multiple of 64, in not of 16 or 128, with
+    # the forward's saved h (autograd) and without it (the op alone), each need flag alone.
+    g = _gen(T * 100 + rank)
+    x = torch.randn(T, 333, generator=g).to(dtype).requires_grad_()
+    b = random_packed(131, rank, density=0.3, generator=g, dtype=dtype)
+    values = b.values.clone().requires_grad_()
+    y = L.sparse_delta(x, b.with_values(values), seed=77, distribution=dist, scale=2.0)
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(gy)
+    rgx, rgv = reference_grads(x.detach(), b, 77, dist, 2.0, gy)
+    bgx, bgv = baseline_grads(x.detach(), b, 77, dist, 2.0, gy)
+    assert_within_rule(x.grad, rgx, bgx, "grad_x")
+    assert_within_rule(values.grad, rgv, bgv, "grad_values")
+    for need_x, need_v in ((True, True), (True, False), (False, True)):
+        gx, gv = torch.ops.lori.sparse_delta_backward(
+            gy, x.detach(), b.mask, b.values, b.offsets, rank, 77, dist, 2.0, need_x, need_v)
+        assert (gx.numel() > 0) == need_x and (gv.numel() > 0) == need_v
+        if need_x:
+            assert_within_rule(gx, rgx, bgx, "grad_x (op, h recomputed)")
+        if need_v:
+            assert_within_rule(gv, rgv, bgv, "grad_values (op, h recomputed)")
+
+
+def test_backward_decode_corrupt_mask():
+    b = random_packed(130, 32, generator=_gen(2))
+    bad = b.mask.clone()
+    bad[70, 0] ^= 1 << 5   # chunk 1 now disagrees with offsets
+    with pytest.raises(ValueError, match="offsets"):
+        torch.ops.lori.sparse_delta_backward(torch.randn(1, 130), torch.randn(1, 64), bad,
+                                             b.values, b.offsets, 32, 1, "rademacher", 1.0,
+                                             True, True)
+
+
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_backward_needs_input_grad(need):
     g = _gen(3)

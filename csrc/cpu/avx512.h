@@ -44,6 +44,22 @@ void store_chunk_avx512(const float* yT, int64_t ldy, int64_t nrows, int64_t ng,
                         const int64_t* tok, int64_t tg, scalar_t* y, int64_t out, int64_t row0,
                         float scale, bool accumulate);
 
+// Decode backward pass over B (T <= 4 tokens, rank <= 32: one mask word per row), chunks
+// [c0, c1): gh[t * 32 + k] += sum_o gy[t, o] B[o, k] (unscaled; gh null: skipped) and
+// gv[p] = scale * sum_t gy[t, o] h[t * 32 + k] for each pattern entry p = (o, k) (gv null:
+// skipped). gy is (T, out) row-major; h rows are zero past rank. Each chunk is validated
+// before its values are read; returns the first bad chunk, or -1.
+template <typename scalar_t>
+int64_t gy_pass_decode_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,
+                              const scalar_t* gy, const float* h, float* gh, float* gv,
+                              float scale, int64_t c0, int64_t c1);
+
+// grad_x for Rademacher A and T <= 16 tokens, columns [c0, c1) (c0 a multiple of 128):
+// gx[t * ldgx + c] = sum_r gh[t * rank + r] A[r, c], from A's sign bits (no fp32 A tile).
+template <typename scalar_t>
+void grad_x_signs_avx512(const float* gh, int64_t T, int64_t rank, const AGenParams& g,
+                         int64_t c0, int64_t c1, scalar_t* gx, int64_t ldgx);
+
 // Decode B stage (T <= 4): same contract as apply_b_expand_avx2 (b_stage.h).
 template <typename scalar_t>
 int64_t apply_b_expand_avx512(int64_t T, const BView& b, int64_t rank, int64_t nnz,

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "agen.h"
+#include "avx512.h"
+#include "b_stage.h"
 #include "delta_common.h"
 #include "simd.h"
 
@@ -168,6 +170,87 @@ void grad_x_from_gh(const at::Tensor& ghT, const DeltaShape& s, int64_t T, const
   }
 }
 
+// Decode (T <= 4 tokens, rank <= 32, AVX-512): one walk over B's rows gives gh = gy B (rows
+// expanded into registers) and grad_values (the row's lanes of gy h, compressed into place);
+// Rademacher grad_x = gh A from A's sign bits. No token transposes and no fp32 A tile: the
+// general path below costs ~4x more at T = 1.
+void decode_backward_avx512(const at::Tensor& gy2, const at::Tensor& x2, const BView& b,
+                            const DeltaShape& s, int64_t nnz, float sc, bool need_x,
+                            bool need_values, const at::Tensor& h_saved, const at::Tensor& gx,
+                            const at::Tensor& gv, const char* op, const at::Tensor& mask,
+                            const at::Tensor& offsets) {
+  const int64_t T = s.tokens, rank = s.rank, in = s.in_features;
+  alignas(64) float h[kExpandMaxTokens * 32] = {};  // (T, 32), zero past rank
+  if (need_values) {
+    if (h_saved.defined()) {
+      const at::Tensor hs = h_saved.contiguous();
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t k = 0; k < rank; ++k) h[t * 32 + k] = hs.data_ptr<float>()[t * rank + k];
+      }
+    } else {
+      const at::Tensor hT = compute_hT(x2, s);
+      const int64_t Tp = hT.size(1);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t k = 0; k < rank; ++k) h[t * 32 + k] = hT.data_ptr<float>()[k * Tp + t];
+      }
+    }
+  }
+  const int64_t nchunks = num_chunks(s.out_features);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
+  // Per-part gh partials summed in part order: the result does not depend on scheduling.
+  std::vector<float> ghp(need_x ? static_cast<size_t>(parts * kExpandMaxTokens * 32) : 0, 0.f);
+  at::Tensor gv_f = need_values && (gv.scalar_type() != at::kFloat || !gv.is_contiguous())
+                        ? at::empty({nnz}, gv.options().dtype(at::kFloat))
+                        : gv;
+  std::atomic<int64_t> bad{-1};
+  dispatch_io_type(gy2.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gyp = gy2.data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t c = gy_pass_decode_avx512<scalar_t>(
+            T, b, rank, nnz, gyp, need_values ? h : nullptr,
+            need_x ? ghp.data() + q * kExpandMaxTokens * 32 : nullptr,
+            need_values ? gv_f.data_ptr<float>() : nullptr, sc, nchunks * q / parts,
+            nchunks * (q + 1) / parts);
+        if (c >= 0) bad.store(c);
+      }
+    });
+  });
+  if (bad.load() >= 0) check_bitmask_cpu(op, mask, offsets, rank, nnz);  // names the problem
+  TORCH_CHECK_VALUE(bad.load() < 0, op, ": mask and offsets disagree in chunk ", bad.load());
+  if (need_values && !gv_f.is_same(gv)) gv.copy_(gv_f);
+  if (!need_x) return;
+  float gh[kExpandMaxTokens * kMaxRank];  // (T, rank), scaled
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < rank; ++k) {
+      float acc = 0.f;
+      for (int64_t q = 0; q < parts; ++q) acc += ghp[(q * kExpandMaxTokens + t) * 32 + k];
+      gh[t * rank + k] = sc * acc;
+    }
+  }
+  at::Tensor gx2 = gx.view({T, in});
+  if (s.gen.dist != kRademacher) {
+    at::Tensor ghT = at::zeros({rank, round_up8(T)}, gy2.options().dtype(at::kFloat));
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < rank; ++k) ghT.data_ptr<float>()[k * ghT.size(1) + t] = gh[t * rank + k];
+    }
+    grad_x_from_gh(ghT, s, T, gx2);
+    return;
+  }
+  constexpr int64_t kCols = 1024;  // multiple of 128: tiles start on Philox block edges
+  dispatch_io_type(gx.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* gxp = gx2.data_ptr<scalar_t>();
+    at::parallel_for(0, (in + kCols - 1) / kCols, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        grad_x_signs_avx512<scalar_t>(gh, T, rank, s.gen, j * kCols,
+                                      std::min(in, (j + 1) * kCols), gxp, in);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
@@ -206,6 +289,19 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
                                       h_saved);
     if (need_x) gx.view({T, s.in_features}).copy_(gx2);
     if (need_values) gv.copy_(gv2);
+    return {gx, gv};
+  }
+  if (T <= kExpandMaxTokens && s.words == 1 && use_avx512()) {
+    const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
+    const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
+                  off.data_ptr<int32_t>(), s.out_features, s.words};
+    const int32_t* offp = off.data_ptr<int32_t>();
+    const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
+    TORCH_CHECK_VALUE(offp[0] == 0, op, ": offsets[0] must be 0, got ", offp[0]);
+    TORCH_CHECK_VALUE(offp[nchunks] == nnz, op, ": offsets[-1] = ", offp[nchunks],
+                      " entries but values has ", nnz);
+    decode_backward_avx512(gy2, x2, b, s, nnz, static_cast<float>(scale), need_x, need_values,
+                           h_saved, gx, gv, op, mask, offsets);
     return {gx, gv};
   }
   at::Tensor hT;
