@@ -333,6 +333,33 @@ LORI_AVX512 void store_chunk_impl(const float* yT, int64_t ldy, int64_t nrows, i
   }
 }
 
+// Chunk c of a B with one mask word per row (rank <= 32): starts[r] = row r's first value
+// within the chunk, words[r] = its mask, rows past B's end padded with empty masks up to 64.
+// Validates the chunk against offsets before any value is read: returns false (read nothing)
+// when offsets or bits >= rank contradict the mask.
+LORI_AVX512 inline bool chunk_rows_w1(const BView& b, int64_t c, uint32_t invalid, int64_t nnz,
+                                      int32_t* starts, uint32_t* words) {
+  const int64_t row0 = c * kRowChunk, n = std::min<int64_t>(kRowChunk, b.out - row0);
+  const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
+  if (o0 < 0 || o1 < o0 || o1 > nnz) return false;
+  const uint32_t* w = b.mask + row0;
+  int32_t count = 0;
+  uint32_t stray = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    starts[r] = count;
+    words[r] = w[r];
+    count += __builtin_popcount(w[r]);
+    stray |= w[r];
+  }
+  if (n < kRowChunk) {
+    for (int64_t r = n; r < kRowChunk; ++r) {
+      starts[r] = count;
+      words[r] = 0;
+    }
+  }
+  return (stray & invalid) == 0 && count == o1 - o0;
+}
+
 template <typename scalar_t, int NT>
 LORI_AVX512 int64_t gy_decode_nt(const BView& b, int64_t rank, int64_t nnz, const scalar_t* gy,
                                  const float* h, float* gh, float* gv, float scale, int64_t c0,
@@ -346,21 +373,12 @@ LORI_AVX512 int64_t gy_decode_nt(const BView& b, int64_t rank, int64_t nnz, cons
     h1[t] = h ? _mm512_loadu_ps(h + 32 * t + 16) : _mm512_setzero_ps();
   }
   alignas(64) int32_t starts[kRowChunk];
+  alignas(64) uint32_t w[kRowChunk];
   for (int64_t c = c0; c < c1; ++c) {
+    if (!chunk_rows_w1(b, c, invalid, nnz, starts, w)) return c;
     const int64_t row0 = c * kRowChunk, n = std::min<int64_t>(kRowChunk, b.out - row0);
-    const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
-    if (o0 < 0 || o1 < o0 || o1 > nnz) return c;
-    const uint32_t* w = b.mask + row0;
-    int32_t count = 0;
-    uint32_t stray = 0;
-    for (int64_t r = 0; r < n; ++r) {
-      starts[r] = count;
-      count += __builtin_popcount(w[r]);
-      stray |= w[r];
-    }
-    if ((stray & invalid) != 0 || count != o1 - o0) return c;  // before any value is read
-    const float* vc = b.values + o0;
-    float* gvc = gv ? gv + o0 : nullptr;
+    const float* vc = b.values + b.offsets[c];
+    float* gvc = gv ? gv + b.offsets[c] : nullptr;
     for (int64_t r = 0; r < n; ++r) {
       const uint32_t m = w[r];
       const __mmask16 k0 = static_cast<__mmask16>(m), k1 = static_cast<__mmask16>(m >> 16);
@@ -501,28 +519,10 @@ LORI_AVX512 int64_t expand_1t_w1(const BView& b, int64_t rank, int64_t nnz, cons
   alignas(64) int32_t starts[kRowChunk];
   alignas(64) uint32_t words[kRowChunk];
   for (int64_t c = c0; c < c1; ++c) {
+    // Rows past the end of B get an empty mask (their expand-loads read nothing).
+    if (!chunk_rows_w1(b, c, invalid, nnz, starts, words)) return c;
     const int64_t row0 = c * kRowChunk, n = std::min<int64_t>(kRowChunk, b.out - row0);
-    const int64_t o0 = b.offsets[c], o1 = b.offsets[c + 1];
-    if (o0 < 0 || o1 < o0 || o1 > nnz) return c;
-    // Validate the chunk and find row starts before any value is read. Rows past the end of
-    // B get an empty mask (their expand-loads read nothing).
-    const uint32_t* w = b.mask + row0;
-    int32_t count = 0;
-    uint32_t stray = 0;
-    for (int64_t r = 0; r < n; ++r) {
-      starts[r] = count;
-      words[r] = w[r];
-      count += __builtin_popcount(w[r]);
-      stray |= w[r];
-    }
-    if (n < kRowChunk) {
-      for (int64_t r = n; r < kRowChunk; ++r) {
-        starts[r] = count;
-        words[r] = 0;
-      }
-    }
-    if ((stray & invalid) != 0 || count != o1 - o0) return c;
-    const float* vc = b.values + o0;
+    const float* vc = b.values + b.offsets[c];
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
       __m512 acc[16];
 #pragma GCC unroll 16
