@@ -100,4 +100,15 @@ void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                     c10::IntArrayRef(expect), ", got ", grad_y.sizes());
 }
 
+at::Tensor checked_saved_h(const char* op, const std::optional<at::Tensor>& h,
+                           const at::Tensor& x, const DeltaShape& s) {
+  if (!h.has_value() || !h->defined() || h->numel() == 0) return at::Tensor();
+  const auto hdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(h->dim() == 2 && h->size(0) == s.tokens && h->size(1) == s.rank &&
+                        h->scalar_type() == hdt && h->device() == x.device(),
+                    op, ": h must be (", s.tokens, ", ", s.rank, ") ", hdt,
+                    " on x's device, got ", h->sizes(), " ", h->scalar_type());
+  return *h;
+}
+
 }  // namespace lori

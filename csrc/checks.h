@@ -44,4 +44,10 @@ DeltaShape check_merge_delta_args(const char* op, const at::Tensor& weight, cons
 void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                   const DeltaShape& s);
 
+// sparse_delta_backward's optional h (sparse_delta_fwd's x @ A^T): undefined when absent or
+// empty, else checked to be (T, rank) in the accumulation dtype (fp64 for fp64 x, else fp32)
+// on x's device.
+at::Tensor checked_saved_h(const char* op, const std::optional<at::Tensor>& h,
+                           const at::Tensor& x, const DeltaShape& s);
+
 }  // namespace lori

@@ -22,21 +22,20 @@ except ImportError as e:  # pragma: no cover - only without a build
 _ops = torch.ops.lori
 
 
-def _env_backend() -> str:
-    return os.environ.get("LORI_BACKEND", "auto")
-
-
 # os.environ.get of a missing key raises and catches a KeyError inside (~0.7 us, a few percent of
 # a decode call); read CPython's backing dict directly when it has one (still live: os.environ
 # writes go through it).
 try:
     _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey("LORI_BACKEND")  # type: ignore[attr-defined]
-
-    def _env_backend() -> str:  # noqa: F811
-        v = _ENV_DATA.get(_ENV_KEY)
-        return "auto" if v is None else os.environ.decodevalue(v)  # type: ignore[attr-defined]
 except AttributeError:  # pragma: no cover - other Python implementations
-    pass
+    _ENV_DATA = None
+
+
+def _env_backend() -> str:
+    if _ENV_DATA is None:  # pragma: no cover
+        return os.environ.get("LORI_BACKEND", "auto")
+    v = _ENV_DATA.get(_ENV_KEY)
+    return "auto" if v is None else os.environ.decodevalue(v)  # type: ignore[attr-defined]
 
 
 # ---- fake kernels (shapes only; used by torch.compile and opcheck) ---------------------------

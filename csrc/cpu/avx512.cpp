@@ -294,20 +294,8 @@ LORI_AVX512 inline void accumulate_rows_nv(const float* v, const int32_t* ks, co
 // accumulating), converted to scalar_t once.
 template <typename scalar_t>
 LORI_AVX512 inline void store_rows16(__m512 v, scalar_t* d, int n, bool accumulate) {
-  alignas(64) float sums[16];
-  _mm512_store_ps(sums, v);
-  for (int half = 0; half < 2; ++half) {
-    const int n8 = std::min(8, n - 8 * half);
-    if (n8 <= 0) break;
-    __m256 v8 = _mm256_load_ps(sums + 8 * half);
-    scalar_t* dh = d + 8 * half;
-    if (accumulate) v8 = _mm256_add_ps(v8, n8 == 8 ? load8(dh) : load_partial(dh, n8));
-    if (n8 == 8) {
-      store8(dh, v8);
-    } else {
-      store_partial(dh, v8, n8);
-    }
-  }
+  store_out(d, _mm512_castps512_ps256(v), std::min(8, n), accumulate);
+  if (n > 8) store_out(d + 8, _mm512_extractf32x8_ps(v, 1), n - 8, accumulate);
 }
 
 template <typename scalar_t>

@@ -20,16 +20,6 @@
 
 namespace lori::cpu {
 
-template <typename scalar_t>
-LORI_AVX2 inline void store_out(scalar_t* dst, __m256 v, int n, bool accumulate) {
-  if (accumulate) v = _mm256_add_ps(v, n == 8 ? load8(dst) : load_partial(dst, n));
-  if (n == 8) {
-    store8(dst, v);
-  } else {
-    store_partial(dst, v, n);
-  }
-}
-
 // Prefill path (T > kExpandMaxTokens). Per chunk, per group of 64 tokens: each row of B accumulates its
 // entries' v * hT[k, tokens] in 8 registers (64 tokens), the rows land in yT (64 x 64), and
 // 8x8 transposes write y. The per-row entry loop is the only data-dependent branch, taken

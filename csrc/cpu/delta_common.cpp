@@ -245,6 +245,12 @@ void compute_hT_direct(const float* xp, int64_t T, int64_t ldx, const DeltaShape
   at::parallel_for(0, s.rank, 1, [&](int64_t r0, int64_t r1) { a.rows(r0, r1, h, ldh); });
 }
 
+void check_offset_ends(const char* op, const int32_t* offsets, int64_t chunks, int64_t nnz) {
+  TORCH_CHECK_VALUE(offsets[0] == 0, op, ": offsets[0] must be 0, got ", offsets[0]);
+  TORCH_CHECK_VALUE(offsets[chunks] == nnz, op, ": offsets[-1] = ", offsets[chunks],
+                    " entries but values has ", nnz);
+}
+
 at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s) {
   const int64_t T = x2.size(0), in = s.in_features, rank = s.rank, Tp = round_up8(T);
   at::Tensor hT = at::zeros({rank, Tp}, x2.options().dtype(at::kFloat));

@@ -27,6 +27,10 @@ inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
 void check_bitmask_cpu(const char* op, const at::Tensor& mask, const at::Tensor& offsets,
                        int64_t rank, int64_t nnz);
 
+// O(1) ends of offsets (offsets[0] == 0, offsets[chunks] == nnz); the fast kernels check each
+// chunk against the mask before reading its values.
+void check_offset_ends(const char* op, const int32_t* offsets, int64_t chunks, int64_t nnz);
+
 // hT (rank, round_up8(T)) fp32 = A @ x^T, zero in the padding columns. x2 is (T, in).
 at::Tensor compute_hT(const at::Tensor& x2, const DeltaShape& s);
 

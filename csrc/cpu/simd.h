@@ -86,4 +86,16 @@ LORI_AVX2 inline void store_partial(T* p, __m256 v, int n) {
   for (int i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
 }
 
+// dst[0, n) (n <= 8) = v's first n lanes (+ dst's old values when accumulating), converted to
+// scalar_t once.
+template <typename scalar_t>
+LORI_AVX2 inline void store_out(scalar_t* dst, __m256 v, int n, bool accumulate) {
+  if (accumulate) v = _mm256_add_ps(v, n == 8 ? load8(dst) : load_partial(dst, n));
+  if (n == 8) {
+    store8(dst, v);
+  } else {
+    store_partial(dst, v, n);
+  }
+}
+
 }  // namespace lori::cpu

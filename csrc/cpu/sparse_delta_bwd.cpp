@@ -176,25 +176,17 @@ void grad_x_from_gh(const at::Tensor& ghT, const DeltaShape& s, int64_t T, const
 // expanded into registers) and grad_values (the row's lanes of gy h, compressed into place);
 // Rademacher grad_x = gh A from A's sign bits. No token transposes and no fp32 A tile: the
 // general path below costs ~4x more at T = 1.
-void decode_backward_avx512(const at::Tensor& gy2, const at::Tensor& x2, const BView& b,
-                            const DeltaShape& s, int64_t nnz, float sc, bool need_x,
-                            bool need_values, const at::Tensor& h_saved, const at::Tensor& gx,
-                            const at::Tensor& gv, const char* op, const at::Tensor& mask,
-                            const at::Tensor& offsets) {
+void decode_backward_avx512(const at::Tensor& gy2, const BView& b, const DeltaShape& s,
+                            int64_t nnz, float sc, bool need_x, bool need_values,
+                            const at::Tensor& hT, const at::Tensor& gx, const at::Tensor& gv,
+                            const char* op, const at::Tensor& mask, const at::Tensor& offsets) {
   const int64_t T = s.tokens, rank = s.rank, in = s.in_features;
-  alignas(64) float h[kExpandMaxTokens * 32] = {};  // (T, 32), zero past rank
+  alignas(64) float h[kExpandMaxTokens * 32] = {};  // hT (rank, Tp) as (T, 32) rows, zero past rank
   if (need_values) {
-    if (h_saved.defined()) {
-      const at::Tensor hs = h_saved.contiguous();
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t k = 0; k < rank; ++k) h[t * 32 + k] = hs.data_ptr<float>()[t * rank + k];
-      }
-    } else {
-      const at::Tensor hT = compute_hT(x2, s);
-      const int64_t Tp = hT.size(1);
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t k = 0; k < rank; ++k) h[t * 32 + k] = hT.data_ptr<float>()[k * Tp + t];
-      }
+    const float* hp = hT.data_ptr<float>();
+    const int64_t Tp = hT.size(1);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < rank; ++k) h[t * 32 + k] = hp[k * Tp + t];
     }
   }
   const int64_t nchunks = num_chunks(s.out_features);
@@ -273,15 +265,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     return {gx, gv};
   }
   // A saved h (from sparse_delta_fwd) spares recomputing x @ A^T.
-  at::Tensor h_saved;
-  if (h_in.has_value() && h_in->defined() && h_in->numel() > 0) {
-    h_saved = *h_in;
-    const auto hdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK_VALUE(h_saved.dim() == 2 && h_saved.size(0) == T && h_saved.size(1) == rank &&
-                          h_saved.scalar_type() == hdt && h_saved.device() == x.device(),
-                      op, ": h must be (", T, ", ", rank, ") ", hdt, " on x's device, got ",
-                      h_saved.sizes(), " ", h_saved.scalar_type());
-  }
+  const at::Tensor h_saved = checked_saved_h(op, h_in, x, s);
   const at::Tensor x2 = x.reshape({T, s.in_features});
   const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
   if (use_generic_path(x)) {
@@ -291,19 +275,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
                                       h_saved);
     if (need_x) gx.view({T, s.in_features}).copy_(gx2);
     if (need_values) gv.copy_(gv2);
-    return {gx, gv};
-  }
-  if (T <= kExpandMaxTokens && s.words == 1 && use_avx512()) {
-    const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
-    const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
-                  off.data_ptr<int32_t>(), s.out_features, s.words};
-    const int32_t* offp = off.data_ptr<int32_t>();
-    const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
-    TORCH_CHECK_VALUE(offp[0] == 0, op, ": offsets[0] must be 0, got ", offp[0]);
-    TORCH_CHECK_VALUE(offp[nchunks] == nnz, op, ": offsets[-1] = ", offp[nchunks],
-                      " entries but values has ", nnz);
-    decode_backward_avx512(gy2, x2, b, s, nnz, static_cast<float>(scale), need_x, need_values,
-                           h_saved, gx, gv, op, mask, offsets);
     return {gx, gv};
   }
   at::Tensor hT;
@@ -316,20 +287,21 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
   const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
   const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
                 off.data_ptr<int32_t>(), s.out_features, s.words};
+  const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
+  check_offset_ends(op, off.data_ptr<int32_t>(), nchunks, nnz);
+  const float sc = static_cast<float>(scale);
+  if (T <= kExpandMaxTokens && s.words == 1 && use_avx512()) {
+    decode_backward_avx512(gy2, b, s, nnz, sc, need_x, need_values, hT, gx, gv, op, mask,
+                           offsets);
+    return {gx, gv};
+  }
   // Chunks split into fixed contiguous parts, each with its own gh partial sum, so the
   // reduction order (and the result) does not depend on thread scheduling.
-  const int64_t nchunks = num_chunks(s.out_features);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
   at::Tensor gh_parts = need_x ? at::zeros({parts, rank, Tp}, x.options().dtype(at::kFloat))
                                : at::Tensor();
   at::Tensor gv_f = need_values ? at::empty({values.numel()}, x.options().dtype(at::kFloat))
                                 : at::Tensor();
-  const float sc = static_cast<float>(scale);
-  const int64_t nnz = values.numel();
-  const int32_t* offp = off.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(offp[0] == 0, op, ": offsets[0] must be 0, got ", offp[0]);
-  TORCH_CHECK_VALUE(offp[nchunks] == nnz, op, ": offsets[-1] = ", offp[nchunks],
-                    " entries but values has ", nnz);
   std::atomic<int64_t> bad{-1};
   dispatch_io_type(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);

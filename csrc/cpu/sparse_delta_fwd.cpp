@@ -45,13 +45,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
     return {y2.view(out_shape), h};
   }
   const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
-  // O(1) ends of offsets here; each chunk is checked against the mask inside the kernel
-  // before any of its values are read (the walk needs the popcounts anyway).
-  const int32_t* offp = off.data_ptr<int32_t>();
+  // Each chunk is checked against the mask inside the kernel before any of its values are
+  // read (the walk needs the popcounts anyway).
   const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
-  TORCH_CHECK_VALUE(offp[0] == 0, "sparse_delta: offsets[0] must be 0, got ", offp[0]);
-  TORCH_CHECK_VALUE(offp[nchunks] == nnz, "sparse_delta: offsets[-1] = ", offp[nchunks],
-                    " entries but values has ", nnz);
+  check_offset_ends("sparse_delta", off.data_ptr<int32_t>(), nchunks, nnz);
   const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
                 off.data_ptr<int32_t>(), s.out_features, s.words};
   const float sc = static_cast<float>(scale);

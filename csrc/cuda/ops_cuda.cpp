@@ -160,15 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
   check_grad_y(op, grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = s.tokens;
-  at::Tensor h_saved;
-  if (h_in.has_value() && h_in->defined() && h_in->numel() > 0) {
-    h_saved = *h_in;
-    const auto hdt = acc_dtype(x.scalar_type());
-    TORCH_CHECK_VALUE(h_saved.dim() == 2 && h_saved.size(0) == T && h_saved.size(1) == rank &&
-                          h_saved.scalar_type() == hdt && h_saved.device() == x.device(),
-                      op, ": h must be (", T, ", ", rank, ") ", hdt, " on x's device, got ",
-                      h_saved.sizes(), " ", h_saved.scalar_type());
-  }
+  const at::Tensor h_saved = checked_saved_h(op, h_in, x, s);
   const bool empty = T == 0 || s.out_features == 0;
   // grad_x is fully written by expand_a unless there is nothing to reduce.
   at::Tensor gx = !need_x ? at::empty({0}, x.options())
