@@ -1,31 +1,31 @@
 """lori_kernels: LoRI adapters with A regenerated from a seed and B stored as a bitmask.
 
-Ops are registered under torch.ops.lori (see README's op table); this package adds typed
-wrappers, the B packing helpers and the specs' constants.
+Layers, each importing only those above it in this list (docs/architecture.md):
+  spec, packing         the formats of A (docs/spec_a.md) and B (docs/spec_b.md)
+  rules, _library       argument rules written once; lori_kernels._C loaded, every fake kernel
+  validation, triton    the validation switch; the Triton backend (registered on first use)
+  backends              the one router (argument, then set_backend / LORI_BACKEND, then device)
+  ops                   typed wrappers, the only Python caller of torch.ops.lori.*
+  pool                  AdapterPool: many adapters of one layer shape, as plain tensors
+  nn                    LoRILinear, LoRIPoolLinear
+  workflow              inject, calibrate, save/load, merge, PEFT interop
 """
 from . import spec
-from .ops import merge_delta_, random_a, sparse_delta
+from .backends import get_backend, set_backend, set_validation, use_backend
+from .nn import LoRIAdapter, LoRILinear, LoRIPoolLinear
+from .ops import batched_sparse_delta, merge_delta_, random_a, sparse_delta
 from .packing import PackedB, pack_bitmask, unpack_bitmask
+from .pool import AdapterPool
 from .spec import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, layer_seed
+from .workflow import (calibrate_masks, combine_adapters, export_peft, import_peft, inject,
+                       load_adapter, merge, save_adapter, to_sparse, unmerge)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "PackedB", "layer_seed", "merge_delta_", "pack_bitmask",
-    "random_a", "sparse_delta", "spec", "unpack_bitmask",
+    "AdapterPool", "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "LoRIAdapter", "LoRILinear",
+    "LoRIPoolLinear", "PackedB", "batched_sparse_delta", "calibrate_masks", "combine_adapters",
+    "export_peft", "get_backend", "import_peft", "inject", "layer_seed", "load_adapter", "merge",
+    "merge_delta_", "pack_bitmask", "random_a", "save_adapter", "set_backend", "set_validation",
+    "sparse_delta", "spec", "to_sparse", "unmerge", "unpack_bitmask", "use_backend",
 ]
-
-# Module layer and the LoRI workflow (docs/workflow.md).
-from .modules import LoRILinear  # noqa: E402
-from .workflow import (calibrate_masks, combine_adapters, export_peft, import_peft,  # noqa: E402
-                       inject, load_adapter, merge, save_adapter, to_sparse, unmerge)
-
-__all__ += ["LoRILinear", "calibrate_masks", "combine_adapters", "export_peft", "import_peft",
-            "inject", "load_adapter", "merge", "save_adapter", "to_sparse", "unmerge"]
-
-# Batched multi-adapter serving (issue 4): a pool of adapters, one adapter per token.
-from .modules import LoRIPoolLinear  # noqa: E402
-from .ops import batched_sparse_delta  # noqa: E402
-from .pool import AdapterPool  # noqa: E402
-
-__all__ += ["AdapterPool", "LoRIPoolLinear", "batched_sparse_delta"]

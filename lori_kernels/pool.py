@@ -159,24 +159,25 @@ class AdapterPool:
     def add(self, name: str, adapter, *, seed: int | None = None,
             distribution: str | None = None, scale: float | None = None) -> int:
         """Add adapter `name` and return its slot. `adapter` is a PackedB (then seed is
-        required; distribution defaults to rademacher, scale to 1.0) or a LoRIAdapter (its
-        seed, distribution and alpha/rank unless given). Validated (packing.validate_packed);
-        rank and out_features (and in_features for a LoRIAdapter) must match the pool."""
-        from .modules import LoRIAdapter
+        required; distribution defaults to rademacher, scale to 1.0), or an adapter that hands
+        its plain arguments through `pool_args()` (lori_kernels.nn.LoRIAdapter: its seed,
+        distribution, alpha/rank and in_features; explicit arguments here override them).
+        Validated (packing.validate_packed); rank and out_features (and in_features when the
+        adapter states it) must match the pool."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
         if name in self._slot_of:
             raise ValueError(f"adapter {name!r} is already in this pool (remove it first)")
-        if isinstance(adapter, LoRIAdapter):
-            if adapter.in_features != self.in_features:
-                raise ValueError(f"adapter {name!r} takes in_features={adapter.in_features}, "
+        pool_args = getattr(adapter, "pool_args", None)
+        if pool_args is not None:
+            args = pool_args()
+            if args["in_features"] != self.in_features:
+                raise ValueError(f"adapter {name!r} takes in_features={args['in_features']}, "
                                  f"the pool {self.in_features}")
-            if adapter.a is not None:
-                raise ValueError(f"adapter {name!r} has an explicit A; a pool needs seeded A's")
-            seed = adapter.seed if seed is None else seed
-            distribution = distribution or adapter.distribution
-            scale = adapter.scale if scale is None else scale
-            adapter = adapter.packed()
+            seed = args["seed"] if seed is None else seed
+            distribution = distribution or args["distribution"]
+            scale = args["scale"] if scale is None else scale
+            adapter = args["b"]
         if not isinstance(adapter, PackedB):
             raise TypeError(f"adapter must be a PackedB or LoRIAdapter, got "
                             f"{type(adapter).__name__}")

@@ -79,3 +79,64 @@ def sparse_delta(x: torch.Tensor, b_dense: torch.Tensor, seed: int, distribution
 def dense_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """What users write for LoRA, in x's dtype: the benchmark and tolerance baseline."""
     return torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scale
+
+
+def merge_delta(weight: torch.Tensor, b_dense: torch.Tensor, seed: int, distribution: str,
+                scale: float) -> torch.Tensor:
+    """weight + scale * B @ A computed in float64 and rounded once to weight's dtype (what
+    merge_delta_ writes in place)."""
+    a = random_a(seed, b_dense.shape[1], weight.shape[1], distribution).to(weight.device,
+                                                                          torch.float64)
+    delta = (b_dense.to(weight.device, torch.float64) @ a) * scale
+    return (weight.double() + delta).to(weight.dtype)
+
+
+def _unpack_words(words: torch.Tensor, rank: int) -> torch.Tensor:
+    bits = (words.to(torch.int64)[..., None] >> torch.arange(32, device=words.device)) & 1
+    return bits.flatten(-2)[..., :rank].bool()
+
+
+def batched_sparse_delta(x: torch.Tensor, adapter_ids: torch.Tensor, masks: torch.Tensor,
+                         values: torch.Tensor, value_starts: torch.Tensor, offsets: torch.Tensor,
+                         seeds: torch.Tensor, scales: torch.Tensor, distributions: torch.Tensor,
+                         rank: int, base: torch.Tensor | None = None,
+                         compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The batched op's semantics, token by token group, in compute_dtype (float64 default):
+
+        y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]  (-1: none)
+
+    with the op's arguments (a pool's tensors; AdapterPool.op_args()). Returned in
+    compute_dtype; B_a is (masks[a], values[value_starts[a] + offsets[a, :]])."""
+    shape = (*x.shape[:-1], masks.shape[1])
+    xt = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    ids = adapter_ids.reshape(-1).long()
+    y = torch.zeros(xt.shape[0], masks.shape[1], dtype=compute_dtype, device=x.device)
+    names = {1: "rademacher", 2: "uniform"}
+    for a in ids.unique().tolist():
+        if a < 0:
+            continue
+        sel = (ids == a).nonzero().flatten()
+        bits = _unpack_words(masks[a], rank)
+        start, nnz = int(value_starts[a]), int(offsets[a, -1])
+        b = torch.zeros(masks.shape[1], rank, dtype=compute_dtype, device=x.device)
+        b[bits] = values[start:start + nnz].to(compute_dtype)
+        seed = spec.seed_from_op(int(seeds[a]))
+        am = random_a(seed, rank, x.shape[-1], names[int(distributions[a])]).to(x.device,
+                                                                               compute_dtype)
+        y[sel] = (xt[sel] @ am.T) @ b.T * float(scales[a])
+    if base is not None:
+        y = y + base.reshape(y.shape).to(compute_dtype)
+    return y.reshape(shape)
+
+
+def batched_dense_lora(x: torch.Tensor, adapter_ids: torch.Tensor, a: list, b: list,
+                       scales: list) -> torch.Tensor:
+    """What users write for many LoRA adapters in one batch, in x's dtype: a loop over the
+    adapters present, dense_lora on each one's tokens (the batched benchmarks' baseline)."""
+    y = torch.zeros(*x.shape[:-1], b[0].shape[0], dtype=x.dtype, device=x.device)
+    for i in adapter_ids.unique().tolist():
+        if i < 0:
+            continue
+        sel = (adapter_ids == i).nonzero().flatten()
+        y[sel] = dense_lora(x[sel], a[i], b[i], scales[i])
+    return y

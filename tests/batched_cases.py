@@ -51,7 +51,6 @@ def loop_references(x, ids, pool):
     """(loop of single-adapter sparse_delta, float64 reference, plain-torch baseline) per token."""
     T = x.shape[0]
     loop = torch.zeros(T, pool.out_features, dtype=x.dtype)
-    ref = torch.zeros(T, pool.out_features, dtype=torch.float64)
     base = torch.zeros(T, pool.out_features, dtype=x.dtype)
     for a in ids.unique().tolist():
         if a < 0:
@@ -63,8 +62,8 @@ def loop_references(x, ids, pool):
                                    scale=e.scale)
         a64 = _a64(e.seed, pool.rank, x.shape[1], e.distribution)
         bd = e.packed.to_dense()
-        ref[sel] = (xs.double() @ a64.T) @ bd.double().T * e.scale
         base[sel] = reference.dense_lora(xs, a64.to(x.dtype), bd.to(x.dtype), e.scale)
+    ref = reference.batched_sparse_delta(x, ids, *pool.op_args())
     return loop, ref, base
 
 

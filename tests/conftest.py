@@ -6,3 +6,20 @@ import torch
 # set before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+_VALIDATION0 = os.environ.get("LORI_VALIDATE", "on")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend_and_validation():
+    """Tests may call lori_kernels.set_backend / set_validation: each test starts from the
+    environment's choice again."""
+    yield
+    import lori_kernels.backends as B
+    from lori_kernels import validation as V
+
+    B.set_backend(None)
+    if V.get_validation() != _VALIDATION0:
+        V.set_validation(_VALIDATION0)

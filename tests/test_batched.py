@@ -365,14 +365,14 @@ def test_pool_validates_adapters():
     pool.add("ok", b, seed=1)
     with pytest.raises(ValueError, match="already in this pool"):
         pool.add("ok", b, seed=1)
-    from lori_kernels.modules import LoRIAdapter
+    from lori_kernels.nn import LoRIAdapter
     with pytest.raises(ValueError, match="in_features=100"):
         pool.add("in", LoRIAdapter(100, OUT, rank=RANK, alpha=1.0, seed=3))
     assert len(pool) == 1
 
 
 def test_pool_from_lori_adapter_and_to():
-    from lori_kernels.modules import LoRIAdapter
+    from lori_kernels.nn import LoRIAdapter
     g = _gen(18)
     ad = LoRIAdapter(IN, OUT, rank=RANK, alpha=64.0, seed=2**63 + 5, distribution="uniform")
     ad.set_pattern(torch.rand(OUT, RANK, generator=g) < 0.1,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lori_kernels  # noqa: F401  (registers torch.ops.lori)
+import lori_kernels as L
 from lori_kernels import reference, spec
 from lori_kernels.packing import pack_bitmask
 from lori_kernels.testing import random_packed, tolerance_bound
@@ -649,7 +650,7 @@ def test_batched_float64_tight():
 
 @needs_cuda
 def test_batched_deterministic_and_unvalidated_path(monkeypatch):
-    """Repeat calls are bitwise equal; LORI_BATCHED_VALIDATE=0 (no sync; grids sized by the tile
+    """Repeat calls are bitwise equal; validation off (no sync; grids sized by the tile
     bound, so the split-K slicing may differ) stays within the rule."""
     pools = _bpools(64, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(8)
@@ -662,7 +663,7 @@ def test_batched_deterministic_and_unvalidated_path(monkeypatch):
     assert torch.equal(y1, torch.ops.lori.batched_sparse_delta(*args))
     assert all(torch.equal(a, b) for a, b in
                zip(g1, torch.ops.lori.batched_sparse_delta_backward(gy, *args, True, True)))
-    monkeypatch.setenv("LORI_BATCHED_VALIDATE", "0")
+    L.set_validation("off")
     _bcheck(torch.ops.lori.batched_sparse_delta(*args), x, ids.cpu(), pools, "unvalidated")
     g2 = torch.ops.lori.batched_sparse_delta_backward(gy, *args, True, True)
     for a, b in zip(g1, g2):
@@ -755,7 +756,7 @@ def test_batched_backward_single_and_multi_tile_groups(dtype, monkeypatch):
     _assert_within(gv, rv, _value_bounds(rv, pv, ids, pools[0]), "grad_values vs float64")
     gx2, gv2 = torch.ops.lori.batched_sparse_delta_backward(*args)
     assert torch.equal(gx, gx2) and torch.equal(gv, gv2)
-    monkeypatch.setenv("LORI_BATCHED_VALIDATE", "0")
+    L.set_validation("off")
     gx3, gv3 = torch.ops.lori.batched_sparse_delta_backward(*args)
     torch.testing.assert_close(gx3, gx)
     torch.testing.assert_close(gv3, gv)
@@ -767,7 +768,7 @@ def test_batched_backward_memory_does_not_grow_with_adapters(validate, monkeypat
     """256 adapters with 4 tokens each: grad_values' per-tile partials would be a
     (tiles, out, rank) buffer of >= 256 x 1024 x 64 fp32 = 64 MiB; single-tile groups add straight
     into grad_values, so the backward's peak stays a fraction of that."""
-    monkeypatch.setenv("LORI_BATCHED_VALIDATE", validate)
+    L.set_validation(validate)
     n, inp, out, rank, T = 256, 256, 1024, 64, 1024
     pools = _bpools(n, inp, out, rank, torch.float32, seed=20)
     g = torch.Generator().manual_seed(21)
@@ -924,7 +925,7 @@ def test_batched_bad_arguments_raise_clear_errors(mutate, exc, msg):
 def test_batched_unvalidated_input_never_reads_out_of_bounds(monkeypatch):
     """With validation off, bad ids act as -1 and corrupt extents/offsets/masks are clamped: wrong
     numbers at worst, never an illegal access (which would surface at the synchronize)."""
-    monkeypatch.setenv("LORI_BATCHED_VALIDATE", "0")
+    L.set_validation("off")
     pool = _bpools(3, seed=16)[1]
     masks, values, starts, offsets, seeds, scales, dists, rank = pool.op_args()
     x = torch.randn(33, B_IN, device="cuda")

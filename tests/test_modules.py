@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lori_kernels import reference
-from lori_kernels.modules import LoRILinear, lori_delta
+from lori_kernels.nn import LoRILinear, lori_delta
 
 DIST = ("rademacher", "uniform")
 

@@ -1,4 +1,8 @@
 """sparse_delta and its backward on CPU against the pure-PyTorch reference."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -365,16 +369,18 @@ def test_backend_selection(monkeypatch):
     assert ops.resolve_backend("auto", x.device) == "cpp"
     with pytest.raises(ValueError, match="backend must be one of"):
         L.sparse_delta(x, b, seed=1, backend="cuda")
-    monkeypatch.setenv("LORI_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="LORI_BACKEND"):
-        L.sparse_delta(x, b, seed=1)
+    with pytest.raises(ValueError, match="set_backend"):
+        L.set_backend("bogus")
+    bad_env = subprocess.run([sys.executable, "-c", "import lori_kernels"], capture_output=True,
+                             text=True, env={**os.environ, "LORI_BACKEND": "bogus"})
+    assert bad_env.returncode != 0 and "LORI_BACKEND" in bad_env.stderr
     import lori_kernels.triton as lt
     if not (lt.available() and lt.interpreted()):
         pytest.skip("Triton interpreter not active")
-    monkeypatch.setenv("LORI_BACKEND", "triton")
+    L.set_backend("triton")
     y_t = L.sparse_delta(x, b, seed=1)
     a_t = L.random_a(3, 8, 70)
-    monkeypatch.setenv("LORI_BACKEND", "cpp")
+    L.set_backend("cpp")
     torch.testing.assert_close(y_t, L.sparse_delta(x, b, seed=1), rtol=1e-5, atol=1e-5)
     assert torch.equal(a_t, L.random_a(3, 8, 70))
     assert torch.equal(L.random_a(3, 8, 70, backend="triton"), a_t)

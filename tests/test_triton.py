@@ -351,7 +351,7 @@ def test_merge_noncontiguous_weight_and_env_backend(monkeypatch):
     _merge(w, b, 3, "rademacher", 2.0)
     wt = w0.t().contiguous().t().to(DEVICE)  # column-major weight (a copy)
     assert not wt.is_contiguous()
-    monkeypatch.setenv("LORI_BACKEND", "triton")
+    L.set_backend("triton")
     L.merge_delta_(wt, _dev(b), seed=3, scale=2.0)
     assert torch.equal(wt, w)
     big = torch.zeros(70, 300, device=DEVICE)   # a column slice: only it changes

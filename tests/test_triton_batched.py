@@ -383,8 +383,8 @@ def test_corrupt_pool_is_caught():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the meta device stands in for a wrong device here")
 def test_skipped_checks_still_never_read_out_of_bounds(monkeypatch):
-    """LORI_TRITON_BATCHED_CHECKS=0 (no sync): bad ids act as -1, extents are clamped."""
-    monkeypatch.setenv("LORI_TRITON_BATCHED_CHECKS", "0")
+    """Validation off (no sync): bad ids act as -1, extents are clamped."""
+    L.set_validation("off")
     pool = make_pool(3, inp=IN, out=OUT, rank=RANK, seed=44)
     x = torch.randn(4, IN, generator=_gen(12))
     masks, values, starts, *rest = pool.op_args()
@@ -415,8 +415,9 @@ def test_pool_and_pool_linear_with_triton_backend(monkeypatch):
     layer = L.LoRIPoolLinear(lin, pool, backend="triton")
     layer.set_adapter_ids(names)
     torch.testing.assert_close(layer(x), lin(x) + y)
-    # LORI_BACKEND picks the Triton op too; a training step reaches every used adapter
-    monkeypatch.setenv("LORI_BACKEND", "triton")
+    # The process-wide backend picks the Triton op too; a training step reaches every used
+    # adapter
+    L.set_backend("triton")
     pool.values.requires_grad_()
     layer = L.LoRIPoolLinear(lin, pool)
     layer.set_adapter_ids(["a2", "a0"])  # one per sequence

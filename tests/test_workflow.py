@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lori_kernels as lk
-from lori_kernels.modules import LoRILinear
+from lori_kernels.nn import LoRILinear
 from lori_kernels.workflow import (adapter_stats, add_task_adapter, calibrate_masks,
                                    combine_adapters, export_peft, inject, load_adapter,
                                    lori_layers, merge, read_adapter, save_adapter, set_active,

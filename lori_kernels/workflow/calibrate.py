@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..modules import DEFAULT_ADAPTER
+from ..nn import DEFAULT_ADAPTER
 from .inject import lori_layers, progress_bar
 
 SCOPES = ("global", "layer", "projection", "matrix")

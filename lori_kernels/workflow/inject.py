@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import spec
-from ..modules import DEFAULT_ADAPTER, LoRILinear
+from ..nn import DEFAULT_ADAPTER, LoRILinear
 
 
 def progress_bar(iterable, *, desc: str, disable: bool, **kw):

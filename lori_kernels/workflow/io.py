@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import spec
-from ..modules import PHASES, LoRILinear
+from ..nn import PHASES, LoRILinear
 from ..packing import VALUE_DTYPES, pack_mask, unpack_mask, validate_packed
 from .inject import freeze_non_lori, lori_layers, progress_bar, resolve_adapter, wrap_linear
 

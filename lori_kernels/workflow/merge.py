@@ -13,7 +13,7 @@ COMBINATIONS = ("cat", "linear")
 
 def merge(model: nn.Module, progress: bool = False) -> nn.Module:
     """Fold every LoRI layer's active combination into its base weight, in place
-    (torch.ops.lori.merge_delta_: A generated per tile, never whole). Forward is then base only."""
+    (the merge_delta_ op: A generated per tile, never whole). Forward is then base only."""
     for layer in progress_bar(list(lori_layers(model).values()), desc="merge",
                               disable=not progress):
         layer.merge()

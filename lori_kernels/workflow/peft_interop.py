@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..modules import DEFAULT_ADAPTER, LoRILinear
+from ..nn import DEFAULT_ADAPTER, LoRILinear
 from .inject import freeze_non_lori, lori_layers, resolve_adapter, wrap_linear
 
 _PREFIX = "base_model.model."

@@ -1,8 +1,9 @@
-"""The module layer: LoRILinear, a drop-in for nn.Linear carrying one or more LoRI adapters.
+"""LoRILinear, a drop-in for nn.Linear carrying one or more LoRI adapters.
 
-Layering (docs/workflow.md): torch.ops.lori (kernels) -> `lori_delta` / `lori_linear` below
-(functional) -> LoRIAdapter (one adapter's B and the recipe of its A) -> LoRILinear (frozen
-base + a ModuleDict of adapters + the active combination). LoRILinear.forward is one call.
+Layering (docs/architecture.md): lori_kernels.ops (routed kernels) -> `lori_delta` /
+`lori_linear` below (functional) -> LoRIAdapter (one adapter's B and the recipe of its A) ->
+LoRILinear (frozen base + a ModuleDict of adapters + the active combination). LoRILinear.forward
+is one call.
 
 An adapter's A is regenerated from (seed, distribution) inside the op: it is never a
 parameter and never in the state dict. B is always a bitmask PackedB: in the LoRI-D phase the
@@ -13,8 +14,8 @@ Imported adapters whose A cannot be regenerated (PEFT / official LoRI checkpoint
 explicit `a` buffer; that path is a documented Python fallback: F.linear for the A side, the
 packed B scattered into a dense (out, rank) matrix for the B side (see `lori_delta`).
 
-Pool-ready: LoRIAdapter is the unit a future sibling (LoRIPoolLinear, per-token adapter ids)
-stacks; nothing here assumes a single adapter per layer.
+LoRIAdapter is also the unit an AdapterPool takes (`pool.add(name, adapter)` through
+`LoRIAdapter.pool_args`), for LoRIPoolLinear's per-token adapters (lori_kernels/nn/pool_linear.py).
 """
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import spec
-from .ops import resolve_backend
-from .packing import PackedB, chunk_offsets, pack_mask, unpack_mask
+from .. import ops, spec
+from ..packing import PackedB, chunk_offsets, pack_mask, unpack_mask
 
 DEFAULT_ADAPTER = "default"
 PHASES = ("dense", "sparse")
@@ -39,28 +39,29 @@ Term = tuple[str, str, float]
 
 # ---- functional --------------------------------------------------------------------------------
 
-def lori_delta(x: torch.Tensor, b: "LoRIAdapter", a: "LoRIAdapter", coef: float) -> torch.Tensor:
+def lori_delta(x: torch.Tensor, b: "LoRIAdapter", a: "LoRIAdapter", coef: float,
+               backend: str | None = None) -> torch.Tensor:
     """coef * (x @ A^T) @ B^T with B from adapter `b` and A from adapter `a` (same rank).
 
-    Seeded A: one torch.ops.lori.sparse_delta call (A regenerated per tile, B read packed;
-    gradients to x and b.values). Explicit A (imported): fallback in PyTorch, F.linear(x, A)
+    Seeded A: one sparse_delta op call, routed by lori_kernels.backends (A regenerated per tile,
+    B read packed; gradients to x and b.values). Explicit A (imported): fallback in PyTorch, F.linear(x, A)
     then F.linear with B scattered from its packed values (differentiable w.r.t. the values).
     """
     values = b.values if b.values.dtype == x.dtype else b.values.to(x.dtype)
     if a.a is None:
-        return torch.ops.lori.sparse_delta(x, b.mask, values, b.offsets, b.rank, a.seed_op,
-                                           a.distribution, float(coef))
+        return ops._sparse_delta(x, b.mask, values, b.offsets, b.rank, a.seed_op,
+                                 a.distribution, float(coef), backend)
     dense_b = torch.zeros(b.out_features, b.rank, dtype=x.dtype, device=x.device)
     dense_b = dense_b.masked_scatter(unpack_mask(b.mask, b.rank), values)
     return F.linear(F.linear(x, a.a.to(x.dtype)), dense_b) * coef
 
 
 def lori_linear(x: torch.Tensor, base: nn.Linear, adapters: nn.ModuleDict,
-                terms: Sequence[Term]) -> torch.Tensor:
+                terms: Sequence[Term], backend: str | None = None) -> torch.Tensor:
     """base(x) + sum over terms of lori_delta (terms empty, e.g. when merged: base(x) only)."""
     y = base(x)
     for b_name, a_name, coef in terms:
-        y = y + lori_delta(x, adapters[b_name], adapters[a_name], coef)
+        y = y + lori_delta(x, adapters[b_name], adapters[a_name], coef, backend)
     return y
 
 
@@ -126,8 +127,7 @@ class LoRIAdapter(nn.Module):
         """A (rank, in_features): the explicit one, or regenerated from the seed."""
         if self.a is not None:
             return self.a.to(dtype)
-        from .ops import random_a
-        return random_a(self.seed, self.rank, self.in_features, distribution=self.distribution,
+        return ops.random_a(self.seed, self.rank, self.in_features, distribution=self.distribution,
                         dtype=dtype, device=self.mask.device)
 
     @torch.no_grad()
@@ -166,6 +166,13 @@ class LoRIAdapter(nn.Module):
         self.values = nn.Parameter(values.to(device=old.device, dtype=old.dtype).contiguous(),
                                    requires_grad=old.requires_grad)
         self.phase = phase
+
+    def pool_args(self) -> dict:
+        """The plain arguments an AdapterPool takes for this adapter (AdapterPool.add)."""
+        if self.a is not None:
+            raise ValueError("this adapter has an explicit A; a pool needs seeded A's")
+        return {"b": self.packed(), "seed": self.seed, "distribution": self.distribution,
+                "scale": self.scale, "in_features": self.in_features}
 
     def extra_repr(self) -> str:
         a = "explicit" if self.a is not None else f"seed={self.seed:#x}, {self.distribution}"
@@ -213,7 +220,8 @@ class LoRILinear(_LinearAttrs, nn.Module):
         self.adapters = nn.ModuleDict()
         self.terms: tuple[Term, ...] = ()
         self.merged_terms: tuple[Term, ...] = ()
-
+        # None: the process-wide choice (lori_kernels.backends), read at each call.
+        self.backend: str | None = None
 
     @property
     def merged(self) -> bool:
@@ -274,12 +282,13 @@ class LoRILinear(_LinearAttrs, nn.Module):
         self.set_terms((n, n, w * self.adapters[n].scale) for n, w in zip(names, weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lori_linear(x, self.base, self.adapters, () if self.merged_terms else self.terms)
+        return lori_linear(x, self.base, self.adapters, () if self.merged_terms else self.terms,
+                           self.backend)
 
     # ---- merge ----
     @torch.no_grad()
     def merge(self) -> None:
-        """weight += sum of active deltas, in place (torch.ops.lori.merge_delta_ for seeded A;
+        """weight += sum of active deltas, in place (the merge_delta_ op for seeded A;
         A is generated per tile and never whole). Idempotence guarded: merging twice raises."""
         if self.merged_terms:
             raise RuntimeError("LoRILinear is already merged")
@@ -302,8 +311,8 @@ class LoRILinear(_LinearAttrs, nn.Module):
         coef = sign * term[2]
         if a.a is None:
             vals = b.values.detach().to(w.dtype)
-            torch.ops.lori.merge_delta_(w, b.mask, vals, b.offsets, b.rank, a.seed_op,
-                                        a.distribution, float(coef))
+            ops._merge_delta_(w, b.mask, vals, b.offsets, b.rank, a.seed_op, a.distribution,
+                              float(coef), self.backend)
         else:  # explicit A fallback: dense (out, rank) @ (rank, in), in fp32
             delta = b.dense_b().float() @ a.a.float()
             w.add_(delta.mul_(coef).to(w.dtype))
@@ -315,74 +324,3 @@ class LoRILinear(_LinearAttrs, nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"terms={list(self.terms)}, merged={self.merged}"
-
-
-# ---- a pool of adapters, chosen per token (issue 4) ---------------------------------------------
-
-class LoRIPoolLinear(_LinearAttrs, nn.Module):
-    """nn.Linear (frozen, as `base`) serving an AdapterPool: each token gets its own adapter.
-
-        layer = LoRIPoolLinear(linear, pool)
-        layer.set_adapter_ids(["math", "code", None, ...])   # per token, or per sequence
-        y = layer(x)          # base(x)[t] + scale_a (x[t] A_a^T) B_a^T, a = the token's adapter
-
-    Ids are names, slot indices or None (no adapter), or an int tensor of slot indices; one per
-    token (x.shape[:-1]) or one per sequence (x.shape[0], repeated over the sequence). They
-    stay set until the next set_adapter_ids. forward is one torch.ops.lori.batched_sparse_delta
-    call accumulating into base(x). Moving the layer (.to / .cuda) moves the pool too.
-    backend: None/'auto'/'cpp'/'triton' (lori_kernels.ops.resolve_backend, at each forward).
-    """
-
-    def __init__(self, base: nn.Linear, pool, *, backend: str | None = None):
-        super().__init__()
-        from .pool import AdapterPool
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRIPoolLinear wraps an nn.Linear, got {type(base).__name__}")
-        if not isinstance(pool, AdapterPool):
-            raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
-        if (pool.in_features, pool.out_features) != (base.in_features, base.out_features):
-            raise ValueError(f"the pool's adapters are {pool.in_features} -> {pool.out_features} "
-                             f"but the layer is {base.in_features} -> {base.out_features}")
-        self.base = base
-        base.requires_grad_(False)
-        self.pool = pool
-        self.adapter_ids: torch.Tensor | None = None
-        self.backend = backend
-
-    def set_adapter_ids(self, ids) -> None:
-        """Adapter per token (or per sequence) for the next forward calls (see the class doc)."""
-        if not isinstance(ids, torch.Tensor):
-            ids = self.pool.ids(ids)
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"adapter ids must be an int32/int64 tensor, got {ids.dtype}")
-        self.adapter_ids = ids.to(self.pool.device)
-
-    def _token_ids(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.adapter_ids
-        if ids is None:
-            raise RuntimeError("LoRIPoolLinear: call set_adapter_ids(...) before forward")
-        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if ids.numel() == tokens:
-            return ids.reshape(-1)
-        if x.dim() >= 3 and ids.numel() == x.shape[0]:  # one id per sequence
-            return ids.reshape(-1).repeat_interleave(tokens // x.shape[0])
-        raise ValueError(f"{ids.numel()} adapter ids for x of shape {tuple(x.shape)}: give one "
-                         f"per token ({tokens}) or one per sequence")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masks, values, starts, offsets, seeds, scales, dists, rank = self.pool.op_args()
-        if values.dtype != x.dtype:
-            values = values.to(x.dtype)
-        op = (torch.ops.lori.triton_batched_sparse_delta
-              if resolve_backend(self.backend, x.device) == "triton"
-              else torch.ops.lori.batched_sparse_delta)
-        return op(x, self._token_ids(x), masks, values, starts, offsets, seeds, scales, dists,
-                  rank, self.base(x))
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.pool.to(self.base.weight.device)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, pool={self.pool}"
