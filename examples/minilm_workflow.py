@@ -1,7 +1,7 @@
 """LoRI end to end on a real pretrained transformer (all-MiniLM-L6-v2, offline, CPU):
 
 inject -> LoRI-D steps -> calibrate_masks (global top-k) -> LoRI-S steps -> save -> load ->
-merge, with a PEFT LoRA baseline timed in the same process. Prints the numbers of issue 5:
+merge, with a PEFT LoRA baseline timed in the same process. Prints:
 trainable parameters and optimizer-state bytes (LoRI-S vs LoRA, MiniLM and Llama-3-8B shapes),
 adapter file bytes (ours vs PEFT, both bf16), training step time (LoRI-D, LoRI-S, PEFT LoRA).
 

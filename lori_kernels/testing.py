@@ -22,7 +22,7 @@ def random_packed(out_features: int, rank: int, density: float = 0.1, dtype=torc
 
 
 def tolerance_bound(ref64: torch.Tensor, baseline: torch.Tensor) -> float:
-    """STYLE.md's rule: a kernel may err vs the float64 reference by at most
+    """The tolerance rule: a kernel may err vs the float64 reference by at most
     2 x (plain torch's error in the same dtype) + 4 eps(dtype) max|ref|."""
     base_err = ((baseline.double().to(ref64.device) - ref64).abs().max().item()
                 if ref64.numel() else 0.0)
