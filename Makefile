@@ -22,8 +22,11 @@ $(VENV)/.installed: Makefile
 
 venv: $(VENV)/.installed
 
-$(BUILD_STAMP): $(VENV)/.installed $(NATIVE_SRC)
+$(BUILD_STAMP): $(VENV)/.installed $(NATIVE_SRC) pyproject.toml
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py build_ext --inplace
+	# Editable install (the in-place _C just built is what it finds), so scripts outside the
+	# repository import lori_kernels from .venv; LORI_SKIP_NATIVE: no second native build.
+	LORI_SKIP_NATIVE=1 $(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p build && touch $@
 
 build: $(BUILD_STAMP)
