@@ -39,7 +39,7 @@ class HypoDraw:
 def _summary():
     yield
     c = COUNTS
-    print(f"\nfuzz ops (bounded): calls tried {sum(c.values())}, ok {c['ok']}, clean errors "
+    print(f"\nfuzz ops (bounded): calls tried {sum(c[o] for o in C.OUTCOMES)}, ok {c['ok']}, clean errors "
           f"{c['clean_error']}, silent wrong {c['silent_wrong']}, unclear errors "
           f"{c['unclear_error']}, false rejections {c['false_reject']}; of the failures, known "
           f"and xfail(strict) {c['pending']}")
