@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BUILD_STAMP := build/.lori_build_stamp
 NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: all venv build test test-fast bench gpu-check clean
+.PHONY: all venv build test test-fast bench gpu-check fuzz clean
 all: test
 
 $(VENV)/.installed: Makefile
@@ -39,6 +39,11 @@ test-fast: build
 
 bench: build
 	$(VPY) -m benchmarks.run
+
+# Deep fuzzing in child processes (crashes and hangs counted with their case);
+# LORI_FUZZ_SECONDS (default 900), LORI_FUZZ_SEED and the rest: tests/fuzz_driver.py.
+fuzz: build
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} PYTHONPATH=. $(VPY) tests/fuzz_driver.py
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

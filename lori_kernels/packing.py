@@ -141,8 +141,26 @@ def unpack_bitmask(packed: PackedB) -> torch.Tensor:
 
 def validate_packed(mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                     rank: int) -> None:
-    """Full consistency check (what a loaded file must pass). Raises ValueError/TypeError."""
+    """Every consistency check of B that is cheap (one pass over the mask; what a loaded file
+    must pass). Raises ValueError/TypeError naming the first bad part.
+
+    Checked: dtypes and shapes for `rank`; mask, values and offsets on one device; no mask bit
+    at a position >= rank; offsets[0] == 0, offsets non-decreasing, offsets[-1] == values'
+    length; and each 64-row chunk's mask popcount (its rows' counts summed) equal to its
+    offsets step, so every row's values start where the kernels look for them.
+
+    Not checkable here: a mask bit moved to another position of the same 64-row chunk (two
+    flipped bits, one set and one cleared) keeps every chunk total and is another valid
+    pattern; so is a flipped value byte. The adapter file's digests (workflow/format.py)
+    catch those on load.
+    """
     _check_rank(rank)
+    for name, t in (("mask", mask), ("values", values), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not mask.device == values.device == offsets.device:
+        raise ValueError(f"mask, values and offsets must be on one device, got {mask.device}, "
+                         f"{values.device}, {offsets.device}")
     if mask.dtype != torch.int32 or mask.dim() != 2 or mask.shape[1] != spec.mask_words(rank):
         raise ValueError(f"mask must be int32 of shape (out_features, {spec.mask_words(rank)}) "
                          f"for rank {rank}, got {mask.dtype} {tuple(mask.shape)}")
@@ -153,11 +171,27 @@ def validate_packed(mask: torch.Tensor, values: torch.Tensor, offsets: torch.Ten
     if offsets.dtype != torch.int32 or offsets.shape != (n_off,):
         raise ValueError(f"offsets must be int32 of shape ({n_off},), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
-    full = unpack_mask(mask, spec.mask_words(rank) * 32)
+    if mask.device.type == "meta":
+        raise ValueError("mask, values and offsets are meta tensors: there is no data to check")
+    off = offsets.cpu().to(torch.int64)
+    if int(off[0]) != 0:
+        raise ValueError(f"offsets[0] must be 0, got {int(off[0])}")
+    steps = off[1:] - off[:-1]
+    if (steps < 0).any():
+        c = int((steps < 0).nonzero()[0])
+        raise ValueError(f"offsets must be non-decreasing: offsets[{c + 1}] = {int(off[c + 1])} "
+                         f"< offsets[{c}] = {int(off[c])}")
+    if int(off[-1]) != values.numel():
+        raise ValueError(f"offsets[-1] = {int(off[-1])} mask entries but values has "
+                         f"{values.numel()}")
+    full = unpack_mask(mask.cpu(), spec.mask_words(rank) * 32)
     if full[:, rank:].any():
-        raise ValueError(f"mask has bits set at positions >= rank ({rank})")
+        row = int(full[:, rank:].any(1).nonzero()[0])
+        raise ValueError(f"mask has bits set at positions >= rank ({rank}), first in row {row}")
     expect = chunk_offsets(full[:, :rank])
-    if not torch.equal(expect.cpu(), offsets.cpu()):
-        raise ValueError("offsets do not match the mask's chunk popcounts")
-    if int(expect[-1]) != values.numel():
-        raise ValueError(f"mask has {int(expect[-1])} entries but values has {values.numel()}")
+    if not torch.equal(expect, offsets.cpu()):
+        c = int((expect != offsets.cpu()).nonzero()[0]) - 1
+        rows = (c * spec.ROW_CHUNK, min((c + 1) * spec.ROW_CHUNK, mask.shape[0]))
+        raise ValueError(f"offsets do not match the mask's chunk popcounts: chunk {c} (rows "
+                         f"{rows[0]}..{rows[1] - 1}) has {int(expect[c + 1] - expect[c])} mask "
+                         f"bits but offsets give it {int(steps[c])}")
