@@ -34,8 +34,10 @@ test: build
 test-fast: build
 	bash .ci/pytest.sh -m "not slow" $(PYTEST_ARGS)
 
+# make bench BENCH_QUICK=1: the smoke run (every case kind, small sizes; numbers not for quoting).
+# BENCH_ARGS: more options of python -m benchmarks.run (--isa avx2, --threads 1, --no-readme).
 bench: build
-	$(VPY) -m benchmarks.run
+	$(VPY) -m benchmarks.run $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -1,5 +1,6 @@
 """The benchmark suite: `python -m benchmarks.run [--quick] [--isa LEVEL] [--out DIR]` (what
-`make bench` runs; `make bench BENCH_QUICK=1` is the smoke run).
+`make bench` runs; `make bench BENCH_QUICK=1` is the smoke run; `make bench BENCH_ARGS="--isa
+avx2 --threads 1"` passes options).
 
 Runs `pytest benchmarks/ --benchmark-json=...` in this process (pytest-benchmark; the cases
 are benchmarks/bench_*.py, each timing ours and its baselines interleaved in the same run),
@@ -28,10 +29,13 @@ README = os.path.join(os.path.dirname(HERE), "README.md")
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 
 
-def pytest_args(json_path: str, quick: bool, isa: str, extra: list[str]) -> list[str]:
+def pytest_args(json_path: str, quick: bool, isa: str, threads: int | None,
+                extra: list[str]) -> list[str]:
     args = [HERE, "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
             f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds",
             "--benchmark-sort=fullname", "--bench-isa", isa, "-q", "-rs"]
+    if threads is not None:
+        args += ["--bench-threads", str(threads)]
     return args + (["--bench-quick"] if quick else []) + extra
 
 
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
                     help="smoke run: every case kind, small sizes, few rounds (~1 min)")
     ap.add_argument("--isa", default="auto",
                     help="cap lori's CPU kernels at this level (auto, avx512, avx2, generic)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own; --quick alone: 1)")
     ap.add_argument("--out", default=RESULTS, help=f"results folder (default {RESULTS})")
     ap.add_argument("--no-readme", action="store_true", help="do not refresh README.md")
     ap.add_argument("pytest_extra", nargs="*", help="more pytest arguments, after --")
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         json_tmp = os.path.join(tmp, "latest.json")
-        rc = pytest.main(pytest_args(json_tmp, args.quick, args.isa, args.pytest_extra))
+        rc = pytest.main(pytest_args(json_tmp, args.quick, args.isa, args.threads, args.pytest_extra))
         if rc != 0:
             print(f"benchmarks.run: pytest exit status {int(rc)}; results in {args.out} left "
                   "as they were", file=sys.stderr)
