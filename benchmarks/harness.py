@@ -99,12 +99,14 @@ def _summary(samples: dict[str, list[float]]) -> dict[str, dict]:
 
 
 def interleave(fns: dict[str, Callable[[], object]], min_time: float = 1.5, min_reps: int = 15,
-               max_reps: int = 400, warmup: int = 3,
+               max_reps: int = 400, warmup: int = 3, max_time: float = 6.0,
                runner: Callable[[Callable[[], None], int], None] | None = None
                ) -> dict[str, dict]:
     """Time several callables in interleaved rounds (so drift hits all alike); each round
     starts at the next provider, so none always runs right after the same other one.
 
+    Rounds: enough for min_time, at least min_reps, at most max_reps, and no more than fit in
+    max_time (but at least min(min_reps, 5)).
     `runner(round_fn, reps)` runs the rounds (default: a plain loop; `bench` passes
     pytest-benchmark's pedantic). Returns {name: {median_us, p20_us, p80_us, reps}}."""
     if not fns:
@@ -119,6 +121,10 @@ def interleave(fns: dict[str, Callable[[], object]], min_time: float = 1.5, min_
         fn()
         one += time.perf_counter() - t0
     reps = int(min(max_reps, max(min_reps, min_time / max(one, 1e-9))))
+    # Slow cases (dense bf16 at T=2048 on a CPU without bf16 GEMMs: ~1 s a call) would spend
+    # min_reps rounds of seconds each; cap a case's timed rounds near max_time, 5 rounds at least.
+    if reps * one > max_time:
+        reps = max(min(min_reps, 5), int(max_time / max(one, 1e-9)))
     names = list(fns)
     samples: dict[str, list[float]] = {k: [] for k in names}
     state = {"round": 0}

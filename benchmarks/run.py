@@ -33,7 +33,7 @@ def pytest_args(json_path: str, quick: bool, isa: str, threads: int | None,
                 extra: list[str]) -> list[str]:
     args = [HERE, "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
             f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds",
-            "--benchmark-sort=fullname", "--bench-isa", isa, "-q", "-rs"]
+            "--benchmark-sort=fullname", "--bench-isa", isa, "-q", "-rs", "--durations=10"]
     if threads is not None:
         args += ["--bench-threads", str(threads)]
     return args + (["--bench-quick"] if quick else []) + extra
