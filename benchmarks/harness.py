@@ -112,8 +112,11 @@ def interleave(fns: dict[str, Callable[[], object]], min_time: float = 1.5, min_
     if not fns:
         raise ValueError("interleave: no callables to time")
     for fn in fns.values():
-        for _ in range(warmup):
+        for i in range(warmup):
+            t0 = time.perf_counter()
             fn()
+            if time.perf_counter() - t0 > max_time / 10:
+                break  # a call of seconds is warm after one run; more would only cost minutes
     # Size the rounds from one timed call of each.
     one = 0.0
     for fn in fns.values():

@@ -74,7 +74,9 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+    # The JSON is written outside the results folder until the run has passed, so neither a
+    # failed nor an interrupted run leaves anything there.
+    with tempfile.TemporaryDirectory(prefix="lori-bench-") as tmp:
         json_tmp = os.path.join(tmp, "latest.json")
         rc = pytest.main(pytest_args(json_tmp, args.quick, args.isa, args.threads, args.pytest_extra))
         if rc != 0:
