@@ -99,10 +99,14 @@ def machine_line(data: dict) -> str:
         load_s = (f" Load average (1 min) at start {load[0][0]:.2f}, at end {load[1][0]:.2f} "
                   f"on {m['cores']} cores.")
     return (f"Machine: {m['cpu']}, {m['cores']} cores; ISA: {fl}. torch {m['torch']} "
-            f"({m['threads']} threads), python {m['python']}. lori CPU path: {path}"
+            f"({threads(m['threads'])}), python {m['python']}. lori CPU path: {path}"
             f"{'' if cap == 'auto' else f' (capped with --isa {cap})'}. git {m['git']}, "
             f"{m['date']}{', QUICK mode (smoke sizes and rounds: not for quoting)' if lori.get('quick') else ''}."
             f"{load_s}")
+
+
+def threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
 
 
 def _f(v: float | None, digits: int = 0) -> str:
@@ -274,7 +278,7 @@ def plot(data: dict, out_dir: str) -> list[str]:
 
     m = data["lori"]["machine"]
     paths = ",".join(sorted({b["extra_info"]["lori_isa"] for b in data["benchmarks"]}))
-    sub = f"{m['cpu']}, lori path {paths}, torch {m['torch']}, {m['threads']} threads"
+    sub = f"{m['cpu']}, lori path {paths}, torch {m['torch']}, {threads(m['threads'])}"
     written = []
 
     ops = rows(data, "op")
