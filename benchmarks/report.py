@@ -98,6 +98,9 @@ def machine_line(data: dict) -> str:
     if all(load):
         load_s = (f" Load average (1 min) at start {load[0][0]:.2f}, at end {load[1][0]:.2f} "
                   f"on {m['cores']} cores.")
+        if max(load[0][0], load[1][0]) > m["cores"]:
+            load_s += (" **Measured on a loaded machine**: other jobs shared the cores, absolute "
+                       "times are inflated and ratios noisier than on a quiet one.")
     return (f"Machine: {m['cpu']}, {m['cores']} cores; ISA: {fl}. torch {m['torch']} "
             f"({threads(m['threads'])}), python {m['python']}. lori CPU path: {path}"
             f"{'' if cap == 'auto' else f' (capped with --isa {cap})'}. git {m['git']}, "
