@@ -37,8 +37,10 @@ test: build
 test-fast: build
 	bash .ci/pytest.sh -m "not slow" $(PYTEST_ARGS)
 
+# make bench BENCH_QUICK=1: the smoke run (every case kind, small sizes; numbers not for quoting).
+# BENCH_ARGS: more options of python -m benchmarks.run (--isa avx2, --threads 1, --no-readme).
 bench: build
-	$(VPY) -m benchmarks.run
+	$(VPY) -m benchmarks.run $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
 
 # Deep fuzzing in child processes (crashes and hangs counted with their case);
 # LORI_FUZZ_SECONDS (default 900), LORI_FUZZ_SEED and the rest: tests/fuzz_driver.py.

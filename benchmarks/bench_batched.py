@@ -1,15 +1,15 @@
 """batched_sparse_delta (many adapters in one batch) vs what dense multi-LoRA serving computes.
 
-Shape: in = out = 4096, rank 32, B 90% sparse. Cases: T=64 decode tokens over 1, 8 and 64
-distinct adapters, T=2048 prefill over 8 adapters (contiguous requests of 256 tokens), and
-T=2048 on one adapter. Baselines, timed in the same run (benchmarks.harness.compare):
+Shape: in = out = 4096, rank 32, B 90% sparse. Cases: T=64 decode tokens over 1, 4, 8, 16 and
+64 distinct adapters (the time-vs-adapters plot), T=2048 prefill over 8 adapters (contiguous
+requests of 256 tokens), and T=2048 on one adapter (quick mode: T=64 over 1 and 8 adapters). Baselines, timed in the same run (benchmarks.harness.compare):
   dense_loop   a Python loop of dense LoRA per adapter group (reference.dense_lora: two
                F.linear calls with that adapter's dense A and B), what users would write;
   stacked_bmm  gather A[ids], B[ids] per token from stacked dense (N, r, in) / (N, out, r)
                tensors and bmm (what dense multi-LoRA BGMV kernels compute); skipped at
                T=2048 (the gathers alone are 2 x 1 GiB in fp32);
   sparse_delta single-adapter LoRI op on the same tokens (cases with one adapter only).
-`run(quick)` returns a dict; `report(data)` renders it as markdown.
+Each case first checks lori_batched against the fp64 loop (the tolerance rule), untimed.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 
 import lori_kernels as L
 from lori_kernels import reference
-from lori_kernels.testing import random_packed
+from lori_kernels.testing import assert_within_rule, random_packed
 
-from .harness import compare, machine
+from .harness import EXTRAS, bench
 
 IN = OUT = 4096
 RANK = 32
@@ -30,9 +30,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (name, T, adapters, layout): decode = tokens of distinct requests interleaved; prefill =
 # contiguous runs of T / adapters tokens per adapter.
-CASES = [("decode", 64, 1, "interleaved"), ("decode", 64, 8, "interleaved"),
+CASES = [("decode", 64, 1, "interleaved"), ("decode", 64, 4, "interleaved"),
+         ("decode", 64, 8, "interleaved"), ("decode", 64, 16, "interleaved"),
          ("decode", 64, 64, "interleaved"), ("prefill", 2048, 8, "runs"),
          ("prefill", 2048, 1, "runs")]
+QUICK_CASES = [("decode", 64, 1, "interleaved"), ("decode", 64, 8, "interleaved")]
 
 
 class _Setup:
@@ -68,7 +70,27 @@ def _stacked_bmm(x, ids, st):
     return torch.bmm(st.b_all[ids], h)[:, :, 0] * SCALE  # (T, out)
 
 
-def case(st, name, T, k, layout, min_time=0.6):
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ == "test_batched":
+        quick = metafunc.config.getoption("--bench-quick")
+        ps = [(d, *c) for d in DTYPES for c in (QUICK_CASES if quick else CASES)]
+        metafunc.parametrize("case", ps, ids=[f"{d}-{n}-T{T}-k{k}" for d, n, T, k, _ in ps])
+
+
+_SETUPS: dict = {}
+
+
+def _setup_for(dname: str, n: int) -> _Setup:
+    """One pool per dtype for all cases (building 64 adapters is the slow part)."""
+    if (dname, n) not in _SETUPS:
+        _SETUPS.clear()
+        _SETUPS[(dname, n)] = _Setup(DTYPES[dname], n)
+    return _SETUPS[(dname, n)]
+
+
+def test_batched(benchmark, case, quick):
+    dname, name, T, k, layout = case
+    st = _setup_for(dname, 8 if quick else 64)
     g = torch.Generator().manual_seed(T + k)
     x = torch.randn(T, IN, generator=g).to(st.dtype)
     ids = _ids(T, k, layout, g)
@@ -81,7 +103,23 @@ def case(st, name, T, k, layout, min_time=0.6):
         e = st.pool.get("a0")
         fns["sparse_delta"] = lambda: L.sparse_delta(x, e.packed, seed=e.seed, scale=e.scale)
     with torch.no_grad():
-        return compare(fns, min_time=min_time, min_reps=5 if T > 256 else 7)
+        used = sorted(set(ids.tolist()))
+        a64 = [st.a[i].double() if i in used else None for i in range(len(st.a))]
+        b64 = [st.b[i].double() if i in used else None for i in range(len(st.b))]
+        ref64 = reference.batched_dense_lora(x.double(), ids, a64, b64, [SCALE] * len(st.a))
+        assert_within_rule(fns["lori_batched"](), ref64, fns["dense_loop"](),
+                           f"lori_batched {case}")
+        if quick:
+            kw = {"min_time": 0.05, "min_reps": 3, "warmup": 1}
+        else:
+            kw = {"min_time": 0.6, "min_reps": 5 if T > 256 else 7}
+        bench(benchmark, fns, baseline="dense_loop", **kw,
+              info={"suite": "batched", "case": name, "dtype": dname, "T": T, "adapters": k,
+                    "layout": layout, "in": IN, "out": OUT, "rank": RANK})
+
+
+def test_adapters_per_gib():
+    EXTRAS["adapters_per_gib"] = adapters_per_gib()
 
 
 def adapters_per_gib():
@@ -96,70 +134,3 @@ def adapters_per_gib():
                      "ours_per_gib": 2**30 // ours, "dense_bf16_per_gib": 2**30 // dense,
                      "ratio": dense / ours})
     return rows
-
-
-def run(quick: bool = False, log=print) -> dict:
-    """All cases in fp32 and bf16 (quick: fewer reps, bf16 prefill skipped)."""
-    rows = []
-    for dname, dtype in DTYPES.items():
-        st = _Setup(dtype)
-        for name, T, k, layout in CASES:
-            if quick and T > 256 and dname == "bf16":
-                continue
-            res = case(st, name, T, k, layout, min_time=0.2 if quick else 0.6)
-            for prov, r in res.items():
-                rows.append({"bench": "batched", "case": name, "dtype": dname, "T": T,
-                             "adapters": k, "in": IN, "out": OUT, "rank": RANK,
-                             "provider": prov, **r})
-            log(f"batched {name} {dname} T={T} adapters={k}: " + ", ".join(
-                f"{p} {v['median_us']:.0f}us" for p, v in res.items()))
-    return {"machine": machine(), "rows": rows, "adapters_per_gib": adapters_per_gib()}
-
-
-def report(data: dict) -> str:
-    by = {}
-    for r in data["rows"]:
-        by.setdefault((r["case"], r["dtype"], r["T"], r["adapters"]), {})[r["provider"]] = r
-    lines = ["Batched multi-adapter application, in = out = 4096, rank 32, B 90% sparse. Medians "
-             "(us) of interleaved runs; ratio = lori_batched / baseline, same run.", "",
-             "| case | dtype | T | adapters | lori_batched | dense loop | ratio | stacked bmm | "
-             "ratio | sparse_delta (1 adapter) | ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (name, dt, T, k), d in by.items():
-        ours = d["lori_batched"]["median_us"]
-        cells = []
-        for prov in ("dense_loop", "stacked_bmm", "sparse_delta"):
-            if prov in d:
-                v = d[prov]["median_us"]
-                cells.append(f"{v:.0f} | {ours / v:.3f}")
-            else:
-                cells.append("- | -")
-        lines.append(f"| {name} | {dt} | {T} | {k} | {ours:.0f} "
-                     f"(p20 {d['lori_batched']['p20_us']:.0f}, p80 {d['lori_batched']['p80_us']:.0f}) | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "| adapter layer 4096x4096, rank 32 | bytes | adapters per GiB | vs dense bf16 LoRA |",
-              "|---|---:|---:|---:|"]
-    for s in data["adapters_per_gib"]:
-        lines.append(f"| LoRI pool slot, {s['values_dtype']} values | {s['ours_bytes']} | "
-                     f"{s['ours_per_gib']} | {s['ratio']:.1f}x |")
-    s = data["adapters_per_gib"][0]
-    lines.append(f"| dense bf16 LoRA (A + B) | {s['dense_bf16_bytes']} | {s['dense_bf16_per_gib']} | 1x |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="T=64 fp32 cases only, few reps")
-    args = ap.parse_args()
-    if args.smoke:
-        st = _Setup(torch.float32)
-        rows = []
-        for name, T, k, layout in CASES[:3]:
-            for prov, r in case(st, name, T, k, layout, min_time=0.1).items():
-                rows.append({"case": name, "dtype": "fp32", "T": T, "adapters": k,
-                             "provider": prov, **r})
-        print(report({"rows": rows, "adapters_per_gib": adapters_per_gib()}))
-    else:
-        print(report(run(args.quick)))

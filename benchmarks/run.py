@@ -1,128 +1,27 @@
-"""The benchmark suite: `python -m benchmarks.run [--quick]` (what `make bench` runs).
+"""The benchmark suite: `python -m benchmarks.run [--quick] [--isa LEVEL] [--out DIR]` (what
+`make bench` runs; `make bench BENCH_QUICK=1` is the smoke run; `make bench BENCH_ARGS="--isa
+avx2 --threads 1"` passes options).
 
-Writes benchmarks/results/latest.json (all numbers + machine), latest.csv, report.md, and
-refreshes the table between the bench markers in README.md.
+Runs `pytest benchmarks/ --benchmark-json=...` in this process (pytest-benchmark; the cases
+are benchmarks/bench_*.py, each timing ours and its baselines interleaved in the same run),
+then writes from that JSON: DIR/latest.json, latest.csv, report.md, ratio_vs_T.png and
+batched_vs_adapters.png (benchmarks/report.py). A full run into the default folder also
+refreshes the table between the bench markers of README.md (--no-readme: leave it).
+A failed case fails the run and leaves the previous results in place.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
-
-import torch
-
-from . import bench_batched as bb
-from . import bench_sparse_delta as bsd
-from .harness import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(os.path.dirname(HERE), "README.md")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def run(quick: bool) -> dict:
-    tokens = [1, 16, 256] if quick else [1, 16, 256, 2048]
-    rows = []
-    for dname, dtype in DTYPES.items():
-        for inp, out in [(4096, 4096), (4096, 14336)]:
-            for T in tokens:
-                if out == 14336 and T == 2048 and dname == "bf16":
-                    continue  # dense bf16 at this size takes seconds per call here
-                dists = ("rademacher", "uniform") if (T in (1, 256) and out == 4096) else ("rademacher",)
-                t0 = time.time()
-                res = bsd.forward_cases(T, inp, out, 32, dtype, dists)
-                for prov, r in res.items():
-                    rows.append({"bench": "forward", "dtype": dname, "T": T, "in": inp, "out": out,
-                                 "rank": 32, "provider": prov, **r})
-                log(f"forward {dname} T={T} {inp}x{out}: " + ", ".join(
-                    f"{k} {v['median_us']:.0f}us" for k, v in res.items()) + f" ({time.time()-t0:.1f}s)")
-    for dname, dtype in DTYPES.items():
-        for T in tokens:
-            t0 = time.time()
-            res = bsd.fwd_bwd_cases(T, 4096, 4096, 32, dtype)
-            for prov, r in res.items():
-                rows.append({"bench": "fwd+bwd", "dtype": dname, "T": T, "in": 4096, "out": 4096,
-                             "rank": 32, "provider": prov, **r})
-            log(f"fwd+bwd {dname} T={T}: " + ", ".join(
-                f"{k} {v['median_us']:.0f}us" for k, v in res.items()) + f" ({time.time()-t0:.1f}s)")
-    agen = bsd.a_generation()
-    log("A generation: " + ", ".join(f"{k} {v['elements_per_s']/1e9:.2f} Gelem/s" for k, v in agen.items()))
-    sizes = bsd.adapter_bytes()
-    batched = bb.run(quick, log=log)
-    return {"machine": machine(), "rows": rows, "a_generation": agen, "adapter_bytes": sizes,
-            "batched": batched}
-
-
-def ratios(rows):
-    """(bench, dtype, T, in, out) -> {provider: median / dense median}."""
-    out = {}
-    for r in rows:
-        key = (r["bench"], r["dtype"], r["T"], r["in"], r["out"])
-        out.setdefault(key, {})[r["provider"]] = r["median_us"]
-    return {k: {p: v / d["dense_lora"] for p, v in d.items() if p != "dense_lora"} | {"_dense": d["dense_lora"], "_ours": d}
-            for k, d in out.items() if "dense_lora" in d}
-
-
-def report(data) -> str:
-    m = data["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (lori CPU kernels: {m.get('lori_cpu_isa', '?')}), "
-             f"torch {m['torch']} ({m['threads']} threads), "
-             f"git {m['git']}, {m['date']}. Medians of interleaved runs; ratio = ours / dense LoRA "
-             "(two F.linear calls, same dtype) measured in the same run. glibc's mmap threshold "
-             "is pinned (`GLIBC_TUNABLES`, see benchmarks/run.py) so large outputs come from "
-             "reused heap memory for every provider.", "",
-             "| pass | dtype | T | in x out | dense LoRA (us) | LoRI rademacher (us) | ratio | LoRI uniform (us) | ratio |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    for (bench, dt, T, inp, out), r in ratios(data["rows"]).items():
-        o = r["_ours"]
-        uni = (f"{o['lori_uniform']:.0f} | {r['lori_uniform']:.3f}" if "lori_uniform" in o else "- | -")
-        lines.append(f"| {bench} | {dt} | {T} | {inp}x{out} | {r['_dense']:.0f} | "
-                     f"{o['lori_rademacher']:.0f} | {r['lori_rademacher']:.3f} | {uni} |")
-    lines += ["", "| A generation (32 x 4096, fp32) | elements/s | median (us) |", "|---|---:|---:|"]
-    for d, v in data["a_generation"].items():
-        lines.append(f"| {d} | {v['elements_per_s']/1e9:.2f} G | {v['median_us']:.0f} |")
-    lines += ["", "| adapter layer 4096x4096, rank 32, 90% sparse | bytes | vs dense bf16 LoRA A+B |",
-              "|---|---:|---:|"]
-    for s in data["adapter_bytes"]:
-        lines.append(f"| LoRI, {s['values_dtype']} values (mask {s['mask_bytes']} + values "
-                     f"{s['values_bytes']} + offsets {s['offsets_bytes']}) | {s['ours_bytes']} | {s['ratio']:.3f} |")
-    lines.append(f"| dense bf16 LoRA (A + B) | {data['adapter_bytes'][0]['dense_bf16_lora_bytes']} | 1 |")
-    if "batched" in data:
-        lines += ["", "Batched multi-adapter (`batched_sparse_delta`):", "", bb.report(data["batched"])]
-    return "\n".join(lines) + "\n"
-
-
-def write(data):
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    with open(os.path.join(RESULTS, "latest.csv"), "w", newline="") as f:
-        rows = data["rows"] + data.get("batched", {}).get("rows", [])
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    md = report(data)
-    with open(os.path.join(RESULTS, "report.md"), "w") as f:
-        f.write("# Benchmark report (CPU)\n\nWritten by `make bench` (python -m benchmarks.run).\n\n" + md)
-    if os.path.exists(README):
-        text = open(README).read()
-        new = re.sub(r"(<!-- bench:begin -->\n).*?(<!-- bench:end -->)",
-                     lambda mm: mm.group(1) + md + mm.group(2), text, flags=re.S)
-        if new != text:
-            open(README, "w").write(new)
-    return md
-
 
 # glibc serves multi-MB allocations (every output here) with fresh mmaps unless its threshold
 # has adapted, so runs flip between a page-faulting mode and a reusing one (2.5x apart on the
@@ -130,15 +29,71 @@ def write(data):
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 
 
-def main(argv=None):
+def pytest_args(json_path: str, quick: bool, isa: str, threads: int | None,
+                extra: list[str]) -> list[str]:
+    args = [HERE, "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
+            f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds",
+            "--benchmark-sort=fullname", "--bench-isa", isa, "-q", "-rs", "--durations=10"]
+    if threads is not None:
+        args += ["--bench-threads", str(threads)]
+    return args + (["--bench-quick"] if quick else []) + extra
+
+
+def refresh_readme(md: str) -> bool:
+    if not os.path.exists(README):
+        return False
+    text = open(README).read()
+    new = re.sub(r"(<!-- bench:begin -->\n).*?(<!-- bench:end -->)",
+                 lambda mm: mm.group(1) + md + mm.group(2), text, flags=re.S)
+    if new != text:
+        open(README, "w").write(new)
+    return new != text
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if "GLIBC_TUNABLES" not in os.environ:
         os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run", *(argv or sys.argv[1:])])
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="skip T=2048 (a smoke run)")
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.run", *argv])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: every case kind, small sizes, few rounds (~1 min)")
+    ap.add_argument("--isa", default="auto",
+                    help="cap lori's CPU kernels at this level (auto, avx512, avx2, generic)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own; --quick alone: 1)")
+    ap.add_argument("--out", default=RESULTS, help=f"results folder (default {RESULTS})")
+    ap.add_argument("--no-readme", action="store_true", help="do not refresh README.md")
+    ap.add_argument("pytest_extra", nargs="*", help="more pytest arguments, after --")
     args = ap.parse_args(argv)
-    data = run(args.quick)
-    print(write(data))
+
+    import pytest
+
+    from . import report
+
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    # The JSON is written outside the results folder until the run has passed, so neither a
+    # failed nor an interrupted run leaves anything there.
+    with tempfile.TemporaryDirectory(prefix="lori-bench-") as tmp:
+        json_tmp = os.path.join(tmp, "latest.json")
+        rc = pytest.main(pytest_args(json_tmp, args.quick, args.isa, args.threads, args.pytest_extra))
+        if rc != 0:
+            print(f"benchmarks.run: pytest exit status {int(rc)}; results in {args.out} left "
+                  "as they were", file=sys.stderr)
+            return int(rc) or 1
+        data = report.load(json_tmp, partial=bool(args.pytest_extra))
+        shutil.move(json_tmp, os.path.join(args.out, "latest.json"))
+    md = report.write(data, args.out)
+    print(md)
+    print(f"benchmarks.run: {len(data['benchmarks'])} cases in {time.time() - t0:.0f} s; "
+          f"results in {args.out}")
+    if (not args.quick and not args.no_readme and not args.pytest_extra
+            and os.path.abspath(args.out) == RESULTS):
+        if refresh_readme(report.render(data, link_prefix="benchmarks/results/")):
+            print("benchmarks.run: README.md table refreshed")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The benchmark suite runs end to end (quick mode) and writes a JSON the report generator
+accepts, with every suite, provider and the machine line: benchmarks must not rot unnoticed.
+No timing is asserted (speed is only reported, never tested)."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    readme = os.path.join(ROOT, "README.md")
+    before = open(readme).read() if os.path.exists(readme) else None
+    # ~30-40 s on a loaded 2-core machine; the timeout only stops a hung run.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if before is not None:
+        assert open(readme).read() == before, "a quick run must not rewrite README.md"
+    return out
+
+
+def test_quick_run_writes_a_complete_report(quick_run):
+    data = report.load(str(quick_run / "latest.json"))  # raises on a missing suite/provider
+    assert data["lori"]["quick"] is True
+    suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
+    assert suites == set(report.SUITES)
+    md = (quick_run / "report.md").read_text()
+    m = data["lori"]["machine"]
+    assert set(m["isa_flags"]) >= set(report.FLAG_NAMES) or m["isa_flags"] == {}
+    assert "QUICK mode" in md and f"torch {m['torch']}" in md and "lori CPU path" in md
+    for flag in report.FLAG_NAMES:
+        assert flag in md
+    for name in report.PLOTS:
+        assert (quick_run / name).stat().st_size > 1000
+    rows = (quick_run / "latest.csv").read_text().splitlines()
+    assert len(rows) > len(data["benchmarks"])  # one line per provider, header included
+    # Every row names the lori path it ran (one dispatch level per process today).
+    assert {b["extra_info"]["lori_isa"] for b in data["benchmarks"]} == {m["lori_cpu_isa"]}
+    # Every row of the headline table has numbers ("-": a T that quick mode does not run).
+    for line in report.headline(data)[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")[3:]]
+        assert any(c != "-" for c in cells), line
+        for c in cells:
+            assert c == "-" or float(c) > 0, line
+
+
+def test_report_rejects_incomplete_json(quick_run):
+    data = json.loads((quick_run / "latest.json").read_text())
+    no_model = copy.deepcopy(data)
+    no_model["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["suite"] != "model"]
+    with pytest.raises(report.ReportError, match="suites missing"):
+        report.check(no_model)
+    report.check(no_model, partial=True)
+    no_prov = copy.deepcopy(data)
+    no_prov["benchmarks"][0]["extra_info"]["providers"] = {}
+    with pytest.raises(report.ReportError, match="no providers"):
+        report.check(no_prov)
+    no_isa = copy.deepcopy(data)
+    del no_isa["benchmarks"][0]["extra_info"]["lori_isa"]
+    with pytest.raises(report.ReportError, match="lori_isa"):
+        report.check(no_isa)
+    no_machine = copy.deepcopy(data)
+    del no_machine["lori"]
+    with pytest.raises(report.ReportError, match="machine"):
+        report.check(no_machine)
