@@ -119,10 +119,23 @@ class PoolSnapshot:
     extents: tuple          # per slot: (start, nnz) in values
     dists: tuple            # per slot: distribution name
     slot_of: Mapping[str, int]
+    pool_key: int
 
     @property
     def capacity(self) -> int:
         return len(self.names)
+
+    def plan(self, adapters: Iterable[str | int | None] | torch.Tensor) -> "PoolPlan":
+        """A plan of this snapshot (AdapterPool.plan takes the current one)."""
+        if isinstance(adapters, torch.Tensor):
+            if adapters.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"adapter ids must be an int32/int64 tensor, got {adapters.dtype}")
+            flat = adapters.reshape(-1)
+            self.resolve(flat.tolist())  # every id live (or -1) in this snapshot
+            ids = flat.to(device=self.masks.device, dtype=torch.int32)
+        else:
+            ids = torch.tensor(self.resolve(adapters), dtype=torch.int32, device=self.masks.device)
+        return PoolPlan(ids, {self.pool_key: self}, single=self)
 
     def op_args(self) -> tuple:
         return (self.masks, self.values, self.value_starts, self.offsets, self.seeds,
@@ -280,7 +293,7 @@ class AdapterPool:
             distributions=torch.ones(cap, dtype=torch.int32, device=dev),
             rank=rank, in_features=in_features, names=(None,) * cap, generations=(0,) * cap,
             extents=((0, 0),) * cap, dists=("rademacher",) * cap,
-            slot_of=types.MappingProxyType({})))
+            slot_of=types.MappingProxyType({}), pool_key=self.key))
 
     # ---- reading (no lock: one attribute read gives a consistent snapshot) ----
     def snapshot(self) -> PoolSnapshot:
@@ -289,18 +302,7 @@ class AdapterPool:
     def plan(self, adapters: Iterable[str | int | None] | torch.Tensor) -> PoolPlan:
         """Resolve and validate ids once (module docstring, "Ids") against the current
         snapshot; the plan reads that snapshot for as long as it is held."""
-        snap = self._snap
-        if isinstance(adapters, torch.Tensor):
-            if adapters.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"adapter ids must be an int32/int64 tensor, got {adapters.dtype}")
-            flat = adapters.reshape(-1)
-            slots = flat.tolist()
-            snap.resolve(slots)  # every id live (or -1) in this snapshot
-            ids = flat.to(device=snap.masks.device, dtype=torch.int32)
-        else:
-            ids = torch.tensor(snap.resolve(adapters), dtype=torch.int32,
-                               device=snap.masks.device)
-        return PoolPlan(ids, {self.key: snap}, single=snap)
+        return self._snap.plan(adapters)
 
     @property
     def capacity(self) -> int:
@@ -559,7 +561,7 @@ class AdapterPool:
             offsets=d.offsets, seeds=d.seeds, scales=d.scales, distributions=d.distributions,
             rank=self.rank, in_features=self.in_features, names=tuple(d.names),
             generations=tuple(d.generations), extents=tuple(d.extents), dists=tuple(d.dists),
-            slot_of=types.MappingProxyType(d.slot_of)))
+            slot_of=types.MappingProxyType(d.slot_of), pool_key=self.key))
         return self._epoch
 
     def _oldest_held(self) -> int:
