@@ -526,6 +526,14 @@ class AdapterPool:
             self._compact(d, d.values.numel() if arena is None else int(arena))
             self._commit(d)
 
+    def ensure_capacity(self, slots: int) -> None:
+        """Grow the slot table to at least `slots` slots (new free slots read as empty)."""
+        with self._lock:
+            if slots > self.capacity:
+                d = _Draft(self._snap)
+                self._grow(d, slots)
+                self._commit(d)
+
     def reclaim(self) -> list[int]:
         """Clear the retired slots no held snapshot can read any more; returns those slots.
         (add() and remove() do this themselves; for callers that want memory back early.)"""
