@@ -9,13 +9,15 @@ Layers, each importing only those above it in this list (docs/architecture.md):
   pool                  AdapterPool: many adapters of one layer shape, as plain tensors
   nn                    LoRILinear, LoRIPoolLinear
   workflow              inject, calibrate, save/load, merge, PEFT interop
+  serving               ServingModel: many adapters in one model, per-sequence adapter_names
 """
 from . import spec
 from .backends import get_backend, set_backend, set_validation, use_backend
 from .nn import LoRIAdapter, LoRILinear, LoRIPoolLinear
 from .ops import batched_sparse_delta, merge_delta_, random_a, sparse_delta
 from .packing import PackedB, pack_bitmask, unpack_bitmask
-from .pool import AdapterPool
+from .pool import AdapterPool, PoolPlan, PoolSnapshot, SlotId
+from .serving import ServingModel
 from .spec import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, layer_seed
 from .workflow import (calibrate_masks, combine_adapters, export_peft, import_peft, inject,
                        load_adapter, merge, save_adapter, to_sparse, unmerge)
@@ -28,4 +30,5 @@ __all__ = [
     "export_peft", "get_backend", "import_peft", "inject", "layer_seed", "load_adapter", "merge",
     "merge_delta_", "pack_bitmask", "random_a", "save_adapter", "set_backend", "set_validation",
     "sparse_delta", "spec", "to_sparse", "unmerge", "unpack_bitmask", "use_backend",
+    "PoolPlan", "PoolSnapshot", "ServingModel", "SlotId",
 ]

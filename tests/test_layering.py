@@ -21,6 +21,7 @@ LAYERS = [
     {"pool"},
     {"nn"},
     {"workflow"},
+    {"serving"},
     {"__init__"},
 ]
 

@@ -1,29 +1,48 @@
 """LoRIPoolLinear: an nn.Linear serving an AdapterPool, one adapter per token.
 
-The pool (lori_kernels.pool) is data only; this layer hands its tensors to the batched op
-(lori_kernels.ops, routed by lori_kernels.backends) together with base(x).
+The pool (lori_kernels.pool) is data only; this layer hands the tensors of one pool snapshot to
+the batched op (lori_kernels.ops, routed by lori_kernels.backends) together with base(x).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..pool import AdapterPool
+from ..pool import AdapterPool, PoolPlan, current_plan
 from .linear import _LinearAttrs
+
+
+@contextlib.contextmanager
+def use_plan(plan: PoolPlan | None):
+    """Every LoRIPoolLinear called inside the block (in this thread / task) reads `plan`
+    unless given one explicitly: how a model-level forward hands one plan to all its layers."""
+    token = current_plan.set(plan)
+    try:
+        yield plan
+    finally:
+        current_plan.reset(token)
 
 
 class LoRIPoolLinear(_LinearAttrs, nn.Module):
     """nn.Linear (frozen, as `base`) serving an AdapterPool: each token gets its own adapter.
 
         layer = LoRIPoolLinear(linear, pool)
-        layer.set_adapter_ids(["math", "code", None, ...])   # per token, or per sequence
-        y = layer(x)          # base(x)[t] + scale_a (x[t] A_a^T) B_a^T, a = the token's adapter
+        y = layer(x, plan=pool.plan(["math", "code", None, ...]))   # per token or sequence
+        layer.set_adapter_ids(["math", None, ...]); y = layer(x)      # ids kept between calls
 
-    Ids are names, slot indices or None (no adapter), or an int tensor of slot indices; one per
-    token (x.shape[:-1]) or one per sequence (x.shape[0], repeated over the sequence). They
-    stay set until the next set_adapter_ids. forward is one batched_sparse_delta op call
-    accumulating into base(x). Moving the layer (.to / .cuda) moves the pool too.
+    Where the ids come from, first found: the `plan` argument; the plan of an enclosing
+    use_plan block (lori_kernels.serving: one plan per step for every layer); the ids of the
+    last set_adapter_ids. A plan holds a snapshot of the pool, so the forward reads the
+    adapters as they were when the plan was made, whatever writers do meanwhile; no id is
+    resolved or validated in Python here (the op still groups tokens per call). Names / slot
+    ints given to set_adapter_ids make a plan (kept until the next call); an int tensor is
+    kept as raw slot indices read against the pool's current snapshot (pool module doc).
+    Ids are one per token (x.shape[:-1]) or one per sequence (x.shape[0], repeated over the
+    sequence). forward is one batched_sparse_delta op call accumulating into base(x); a base
+    plan (plan.is_base) gives base(x). Moving the layer (.to / .cuda) moves the pool too.
     backend: None/'auto'/'cpp'/'triton' (lori_kernels.backends, at each forward).
     """
 
@@ -40,20 +59,23 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
         base.requires_grad_(False)
         self.pool = pool
         self.adapter_ids: torch.Tensor | None = None
+        self._plan: PoolPlan | None = None
         self.backend = backend
 
     def set_adapter_ids(self, ids) -> None:
         """Adapter per token (or per sequence) for the next forward calls (see the class doc)."""
+        if isinstance(ids, PoolPlan):
+            self._plan, self.adapter_ids = ids, None
+            return
         if not isinstance(ids, torch.Tensor):
-            ids = self.pool.ids(ids)
+            self._plan, self.adapter_ids = self.pool.plan(ids), None
+            return
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"adapter ids must be an int32/int64 tensor, got {ids.dtype}")
-        self.adapter_ids = ids.to(self.pool.device)
+        self._plan, self.adapter_ids = None, ids.to(self.pool.device)
 
     def _token_ids(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.adapter_ids
-        if ids is None:
-            raise RuntimeError("LoRIPoolLinear: call set_adapter_ids(...) before forward")
         tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if ids.numel() == tokens:
             return ids.reshape(-1)
@@ -62,12 +84,27 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
         raise ValueError(f"{ids.numel()} adapter ids for x of shape {tuple(x.shape)}: give one "
                          f"per token ({tokens}) or one per sequence")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masks, values, starts, offsets, seeds, scales, dists, rank = self.pool.op_args()
+    def forward(self, x: torch.Tensor, plan: PoolPlan | None = None) -> torch.Tensor:
+        if plan is None:
+            plan = current_plan.get()
+            if plan is None:
+                plan = self._plan
+        if plan is not None:
+            if plan.ids is None:  # the base plan: no adapter for any token
+                return self.base(x)
+            args = plan.snapshot_for(self.pool).op_args()
+            ids = plan.token_ids(x)
+        elif self.adapter_ids is not None:
+            args = self.pool.op_args()
+            ids = self._token_ids(x)
+        else:
+            raise RuntimeError("LoRIPoolLinear: give a plan (forward(x, plan=...) or use_plan) "
+                               "or call set_adapter_ids(...) before forward")
+        masks, values, starts, offsets, seeds, scales, dists, rank = args
         if values.dtype != x.dtype:
             values = values.to(x.dtype)
-        return ops._batched_sparse_delta(x, self._token_ids(x), masks, values, starts, offsets,
-                                         seeds, scales, dists, rank, self.base(x), self.backend)
+        return ops._batched_sparse_delta(x, ids, masks, values, starts, offsets, seeds, scales,
+                                         dists, rank, self.base(x), self.backend)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
