@@ -9,6 +9,8 @@ Layers, each importing only those above it in this list (docs/architecture.md):
   pool                  AdapterPool: many adapters of one layer shape, as plain tensors
   nn                    LoRILinear, LoRIPoolLinear
   workflow              inject, calibrate, save/load, merge, PEFT interop
+  config                LoRIConfig (the adapter recipe, JSON round trip)
+  model                 get_lori_model / LoRIModel (PEFT's habits: save_pretrained, ...)
 """
 from . import spec
 from .backends import get_backend, set_backend, set_validation, use_backend
@@ -18,14 +20,19 @@ from .packing import PackedB, pack_bitmask, unpack_bitmask
 from .pool import AdapterPool
 from .spec import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, layer_seed
 from .workflow import (calibrate_masks, combine_adapters, export_peft, import_peft, inject,
-                       load_adapter, merge, save_adapter, to_sparse, unmerge)
+                       load_adapter, load_official_masks, merge, merge_and_unload, save_adapter,
+                       to_sparse, unmerge)
+from .config import LoRIConfig
+from .model import LoRIModel, PhaseSwitch, get_lori_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterPool", "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "LoRIAdapter", "LoRILinear",
-    "LoRIPoolLinear", "PackedB", "batched_sparse_delta", "calibrate_masks", "combine_adapters",
-    "export_peft", "get_backend", "import_peft", "inject", "layer_seed", "load_adapter", "merge",
-    "merge_delta_", "pack_bitmask", "random_a", "save_adapter", "set_backend", "set_validation",
-    "sparse_delta", "spec", "to_sparse", "unmerge", "unpack_bitmask", "use_backend",
+    "AdapterPool", "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "LoRIAdapter", "LoRIConfig",
+    "LoRILinear", "LoRIModel", "LoRIPoolLinear", "PackedB", "PhaseSwitch",
+    "batched_sparse_delta", "calibrate_masks", "combine_adapters", "export_peft", "get_backend",
+    "get_lori_model", "import_peft", "inject", "layer_seed", "load_adapter",
+    "load_official_masks", "merge", "merge_and_unload", "merge_delta_", "pack_bitmask",
+    "random_a", "save_adapter", "set_backend", "set_validation", "sparse_delta", "spec",
+    "to_sparse", "unmerge", "unpack_bitmask", "use_backend",
 ]
