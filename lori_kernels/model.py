@@ -531,6 +531,16 @@ class LoRIModel(nn.Module):
         absent = sorted(base_keys - set(mapped))
         if strict and absent:
             raise ValueError(f"load_base_weights: missing base weights {absent[:5]}")
+        # what would stay on the meta device: non-persistent buffers (e.g. rotary inv_freq)
+        # are in no state dict, so a model built under torch.device("meta") cannot run
+        still = [n for n, t in list(self.base_model.named_parameters()) +
+                 list(self.base_model.named_buffers())
+                 if t.is_meta and n not in mapped and ".adapters." not in n]
+        if still:
+            raise ValueError(f"load_base_weights: {still[:3]} would stay on the meta device "
+                             "(not in the state dict: non-persistent buffers?). Build the "
+                             "empty model with accelerate.init_empty_weights() (buffers stay "
+                             "real) or load those first")
         self.base_model.load_state_dict(mapped, strict=False, assign=True)
         for layer in lori.values():
             layer.base.requires_grad_(False)
