@@ -22,10 +22,12 @@ _LAYER_NAME = re.compile(r"[^.]+(\.[^.]+)*")
 
 
 def adapter_file(path: str | os.PathLike) -> str:
-    """`path` itself, or `path`/adapter_model.safetensors when `path` is a directory (or ends
-    with a path separator)."""
+    """`path` itself, or `path`/adapter_model.safetensors when `path` is a directory: an
+    existing one, one ending with a path separator, or a path that does not exist and has no
+    file extension (e.g. "out/task")."""
     path = os.fspath(path)
-    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+    if os.path.isdir(path) or path.endswith((os.sep, "/")) or (
+            not os.path.exists(path) and not os.path.splitext(path)[1]):
         return os.path.join(path, WEIGHTS_NAME)
     return path
 
