@@ -21,6 +21,8 @@ LAYERS = [
     {"pool"},
     {"nn"},
     {"workflow"},
+    {"config"},
+    {"model"},
     {"serving"},
     {"__init__"},
 ]

@@ -46,7 +46,8 @@ def test_starts_as_base_and_a_not_a_parameter():
     assert layer.adapters["default"].values.numel() == 24 * 4  # dense B in LoRI-D
     keys = set(layer.state_dict())
     assert keys == {"base.weight", "base.bias", "adapters.default.values",
-                    "adapters.default.mask", "adapters.default.offsets"}
+                    "adapters.default.mask", "adapters.default.offsets",
+                    "adapters.default._extra_state"}  # the recipe (seed, rank, alpha, phase)
     assert layer.weight is lin.weight and layer.in_features == 16
 
 

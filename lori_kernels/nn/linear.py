@@ -19,6 +19,9 @@ LoRIAdapter is also the unit an AdapterPool takes (`pool.add(name, adapter)` thr
 """
 from __future__ import annotations
 
+import json
+import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, spec
-from ..packing import PackedB, chunk_offsets, pack_mask, unpack_mask
+from ..packing import PackedB, chunk_offsets, pack_mask, unpack_mask, validate_packed
 
 DEFAULT_ADAPTER = "default"
 PHASES = ("dense", "sparse")
@@ -35,6 +38,111 @@ PHASES = ("dense", "sparse")
 # delta = sum_terms coef * (x @ A_a^T) @ B_b^T. A plain adapter is (n, n, scale); PEFT's "cat"
 # is (n_i, n_i, w_i s_i); PEFT's "linear" also has cross terms (n_i, n_j, c_i c_j).
 Term = tuple[str, str, float]
+
+
+RECIPE_FORMAT = "lori_kernels.recipe"
+# Fields of a recipe that define the adapter (a state dict differing in one is another adapter);
+# phase and nnz may differ: loading then switches B's structure.
+RECIPE_IDENTITY = ("in_features", "out_features", "rank", "alpha", "seed", "distribution", "a",
+                   "a_spec_version", "b_spec_version")
+
+
+def check_alpha(alpha, name: str = "alpha") -> float:
+    """alpha as a float, refusing what would make every output NaN or the adapter a no-op."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or \
+            not math.isfinite(float(alpha)) or float(alpha) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def check_adapter_name(name, what: str = "adapter_name") -> str:
+    """Adapter names are ModuleDict keys and state-dict path parts: Python identifiers."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{what} must be a str that is a Python identifier (no '.', not "
+                         f"empty), got {name!r}")
+    return name
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style): weight (in, out), y = x @ W + b. Duck-typed so that
+    this layer does not import transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and \
+        isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Conv1D or a LoRILinear."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+# ---- stale parameters --------------------------------------------------------------------------
+# Switching B's structure (LoRI-D -> LoRI-S, loading a state of another phase) replaces the
+# `values` Parameter. An optimizer built before still holds the old one, which no longer gets
+# gradients: torch optimizers skip it, so training would silently do nothing. The old Parameter
+# is marked retired, and a process-wide optimizer step pre-hook refuses to step any optimizer
+# that holds a retired Parameter.
+
+_retired = {"count": 0, "hook": None}
+
+
+def _refuse_retired_params(optimizer, args, kwargs):
+    if not _retired["count"]:
+        return
+    n = sum(len(g["params"]) for g in optimizer.param_groups)
+    key = (_retired["count"], n)
+    if getattr(optimizer, "_lori_checked", None) == key:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            why = getattr(p, "_lori_retired", None)
+            if why is not None:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} holds a LoRI values Parameter that was "
+                    f"replaced ({why}); it gets no gradients any more, so this step would train "
+                    "nothing. Build a new optimizer (and LR scheduler) over the model's current "
+                    "trainable parameters (LoRIModel.to_sparse / calibrate return them); "
+                    "re-wrap DDP/FSDP/compiled models too.")
+    optimizer._lori_checked = key
+
+
+def retire_parameter(p: nn.Parameter, why: str) -> None:
+    """Mark `p` as replaced so that any optimizer still holding it raises at step()."""
+    p._lori_retired = why
+    p.requires_grad_(False)
+    _retired["count"] += 1
+    if _retired["hook"] is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _retired["hook"] = register_optimizer_step_pre_hook(
+            _refuse_retired_params)
+
+
+def is_retired(p: torch.Tensor) -> bool:
+    return getattr(p, "_lori_retired", None) is not None
+
+
+def decode_recipe(value, where: str) -> dict:
+    """A recipe from its state-dict form (a uint8 tensor of JSON, or a dict)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.uint8 or value.dim() != 1:
+            raise ValueError(f"{where}: the LoRI recipe must be a 1-D uint8 tensor of JSON, got "
+                             f"{value.dtype} {tuple(value.shape)}")
+        try:
+            value = json.loads(bytes(value.cpu().numpy().tobytes()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where}: the LoRI recipe is not JSON ({e})") from None
+    if not isinstance(value, dict) or value.get("format") != RECIPE_FORMAT:
+        raise ValueError(f"{where}: not a LoRI adapter recipe")
+    missing = [k for k in RECIPE_IDENTITY + ("phase", "nnz") if k not in value]
+    if missing:
+        raise ValueError(f"{where}: the LoRI recipe lacks {missing}")
+    return value
 
 
 # ---- functional --------------------------------------------------------------------------------
@@ -82,6 +190,7 @@ class LoRIAdapter(nn.Module):
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= spec.MAX_RANK:
             raise ValueError(f"rank must be an int in [1, {spec.MAX_RANK}], got {rank!r}")
         spec.check_distribution(distribution)
+        alpha = check_alpha(alpha)
         if a is None and seed is None:
             raise ValueError("an adapter needs a seed (or an explicit A)")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -96,11 +205,14 @@ class LoRIAdapter(nn.Module):
             self.register_buffer("a", a.detach().clone())
         else:
             self.a = None
-        full = torch.ones(out_features, rank, dtype=torch.bool, device=device)
-        self.register_buffer("mask", pack_mask(full))
-        self.register_buffer("offsets", chunk_offsets(full))
+        # The all-ones pattern is computed on the CPU and moved: it works for a model on the
+        # meta device (init_empty_weights), where packing cannot read values.
+        full = torch.ones(out_features, rank, dtype=torch.bool)
+        self.register_buffer("mask", pack_mask(full).to(device))
+        self.register_buffer("offsets", chunk_offsets(full).to(device))
         self.values = nn.Parameter(torch.zeros(out_features * rank, dtype=dtype, device=device))
         self.phase = "dense"
+        self.adapter_seed: int | None = None  # the model-level seed this layer's seed came from
 
     @property
     def scale(self) -> float:
@@ -154,6 +266,7 @@ class LoRIAdapter(nn.Module):
         self.mask = pack_mask(mask)
         self.offsets = chunk_offsets(mask)
         self.values = nn.Parameter(new, requires_grad=old.requires_grad)
+        retire_parameter(old, f"B switched to the {phase} phase")
         self.phase = phase
 
     @torch.no_grad()
@@ -165,7 +278,105 @@ class LoRIAdapter(nn.Module):
         self.offsets = offsets.to(self.mask.device)
         self.values = nn.Parameter(values.to(device=old.device, dtype=old.dtype).contiguous(),
                                    requires_grad=old.requires_grad)
+        retire_parameter(old, "B loaded from a file")
         self.phase = phase
+
+    @torch.no_grad()
+    def materialize_(self, device, dtype: torch.dtype | None = None) -> None:
+        """A fresh LoRI-D adapter created on the meta device, made real on `device` (B zeros,
+        all-ones mask): the step after loading the base weights into an empty model."""
+        if self.phase != "dense":
+            raise ValueError("only a fresh LoRI-D adapter can be materialized (its B is zeros); "
+                             "load a LoRI-S adapter from its file instead")
+        old = self.values
+        full = torch.ones(self.out_features, self.rank, dtype=torch.bool)
+        self.mask = pack_mask(full).to(device)
+        self.offsets = chunk_offsets(full).to(device)
+        self.values = nn.Parameter(torch.zeros(self.out_features * self.rank,
+                                               dtype=dtype or old.dtype, device=device),
+                                   requires_grad=old.requires_grad)
+        if self.a is not None and self.a.is_meta:
+            raise ValueError("an explicit A on the meta device cannot be materialized")
+
+    # ---- the recipe in the state dict ----
+    def recipe(self) -> dict:
+        """Everything that defines this adapter besides B's values: a state dict carrying
+        another recipe is another adapter and is refused on load."""
+        return {"format": RECIPE_FORMAT, "in_features": self.in_features,
+                "out_features": self.out_features, "rank": self.rank, "alpha": self.alpha,
+                "seed": None if self.seed is None else str(self.seed),
+                "distribution": self.distribution,
+                "a": "stored" if self.a is not None else "seed",
+                "a_spec_version": spec.A_SPEC_VERSION, "b_spec_version": spec.B_SPEC_VERSION,
+                "phase": self.phase, "nnz": self.nnz,
+                "adapter_seed": None if self.adapter_seed is None else str(self.adapter_seed)}
+
+    def get_extra_state(self) -> torch.Tensor:
+        # A uint8 tensor of JSON (not a dict) so that safetensors, torch.load(weights_only=True)
+        # and Hugging Face save_pretrained all carry it.
+        data = json.dumps(self.recipe(), sort_keys=True).encode("utf-8")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+    def set_extra_state(self, state) -> None:
+        recipe = decode_recipe(state, "recipe")
+        self.phase = recipe["phase"]
+        seed = recipe.get("adapter_seed")
+        self.adapter_seed = None if seed is None else int(seed)
+
+    def check_state(self, state_dict: dict, prefix: str) -> dict:
+        """Validate this adapter's entries of `state_dict` (keys `prefix` + name) without
+        touching anything: the recipe matches this adapter's, and the packed B is
+        consistent. Raises ValueError naming the key and the field."""
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            if prefix + "values" in state_dict:
+                raise ValueError(f"{prefix}values: the state dict has no LoRI recipe "
+                                 f"({key}); it cannot be checked against this adapter's seed, "
+                                 "rank and alpha, and is refused")
+            return {}
+        recipe = decode_recipe(state_dict[key], key)
+        mine = self.recipe()
+        for field in RECIPE_IDENTITY:
+            if recipe[field] != mine[field]:
+                raise ValueError(
+                    f"{key}: {field} is {recipe[field]!r} in the state dict but "
+                    f"{mine[field]!r} in the model: that state belongs to another adapter "
+                    "(inject with the same LoRIConfig, or load its adapter file with "
+                    "LoRIModel.from_pretrained / load_adapter)")
+        if recipe["phase"] not in PHASES:
+            raise ValueError(f"{key}: phase must be one of {PHASES}, got {recipe['phase']!r}")
+        mask, values, offsets = (state_dict.get(prefix + k) for k in ("mask", "values",
+                                                                       "offsets"))
+        if mask is None or values is None or offsets is None:
+            raise ValueError(f"{prefix}: the state dict has the recipe but not all of mask, "
+                             "values, offsets")
+        try:
+            validate_packed(mask, values.detach(), offsets, self.rank)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{prefix}values/mask/offsets: {e}") from None
+        if mask.shape[0] != self.out_features or values.numel() != recipe["nnz"]:
+            raise ValueError(f"{prefix}values: {values.numel()} values for out_features "
+                             f"{mask.shape[0]} disagree with the recipe (nnz {recipe['nnz']}, "
+                             f"out_features {self.out_features})")
+        if recipe["phase"] == "dense" and recipe["nnz"] != self.out_features * self.rank:
+            raise ValueError(f"{key}: a dense-phase B must have out_features*rank values")
+        return recipe
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        recipe = self.check_state(state_dict, prefix)
+        if recipe and state_dict[prefix + "values"].numel() != self.values.numel():
+            # Another phase (e.g. a LoRI-S state into a freshly injected LoRI-D model): take
+            # its structure, then the usual copy fills mask, offsets and values.
+            with torch.no_grad():
+                old = self.values
+                self.values = nn.Parameter(
+                    torch.zeros(recipe["nnz"], dtype=old.dtype, device=old.device),
+                    requires_grad=old.requires_grad)
+                retire_parameter(old, f"B switched to the {recipe['phase']} phase by "
+                                      "load_state_dict")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def pool_args(self) -> dict:
         """The plain arguments an AdapterPool takes for this adapter (AdapterPool.add)."""
@@ -184,7 +395,8 @@ class LoRIAdapter(nn.Module):
 
 class _LinearAttrs:
     """nn.Linear look-alike attributes of a wrapped `self.base` (HF code reads .weight.dtype,
-    .in_features, ...)."""
+    .in_features, ...). For a transformers Conv1D base, `weight` is its own (in, out) matrix, as
+    the code around it expects."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -196,15 +408,19 @@ class _LinearAttrs:
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base.weight.shape[0] if self.fan_in_fan_out else self.base.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.nf if self.fan_in_fan_out else self.base.out_features
 
 
 class LoRILinear(_LinearAttrs, nn.Module):
     """nn.Linear (frozen, as `base`) plus LoRI adapters: y = base(x) + sum of active deltas.
+
+    The base may also be a transformers Conv1D (GPT-2's c_attn, c_proj, c_fc; weight stored
+    (in, out), PEFT's fan_in_fan_out): the adapter is the same (A: rank x in, B: out x rank),
+    only merge writes the transposed delta.
 
     `LoRILinear.from_linear(linear, rank=, alpha=, seed=, distribution=)` wraps an existing
     layer (no copy of its weight). More adapters: `add_adapter`; which ones apply and with what
@@ -213,8 +429,10 @@ class LoRILinear(_LinearAttrs, nn.Module):
 
     def __init__(self, base: nn.Linear):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRILinear wraps an nn.Linear, got {type(base).__name__}")
+        if not is_adaptable(base):
+            raise TypeError(f"LoRILinear wraps an nn.Linear or a transformers Conv1D, got "
+                            f"{type(base).__name__}")
+        self.fan_in_fan_out = is_conv1d(base)
         self.base = base
         base.requires_grad_(False)
         self.adapters = nn.ModuleDict()
@@ -243,10 +461,9 @@ class LoRILinear(_LinearAttrs, nn.Module):
                     activate: bool = True) -> LoRIAdapter:
         """Add a LoRI-D adapter (B all zeros on an all-ones mask). `activate` adds it to the
         active combination with weight 1."""
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
-        if not name.isidentifier():
-            raise ValueError(f"adapter name must be an identifier, got {name!r}")
         ad = LoRIAdapter(self.in_features, self.out_features, rank=rank, alpha=alpha, seed=seed,
                          distribution=distribution, dtype=dtype, device=self.base.weight.device,
                          a=a)
@@ -307,8 +524,17 @@ class LoRILinear(_LinearAttrs, nn.Module):
 
     def _apply_term(self, term: Term, sign: float) -> None:
         b, a = self.adapters[term[0]], self.adapters[term[1]]
-        w = self.base.weight
         coef = sign * term[2]
+        if self.fan_in_fan_out:  # Conv1D keeps W^T: build the (out, in) delta, add it transposed
+            delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,
+                                device=self.base.weight.device)
+            self._add_delta(delta, b, a, coef)
+            self.base.weight.add_(delta.T.to(self.base.weight.dtype))
+        else:
+            self._add_delta(self.base.weight, b, a, coef)
+
+    def _add_delta(self, w: torch.Tensor, b: LoRIAdapter, a: LoRIAdapter, coef: float) -> None:
+        """w (out, in) += coef * B_b A_a."""
         if a.a is None:
             vals = b.values.detach().to(w.dtype)
             ops._merge_delta_(w, b.mask, vals, b.offsets, b.rank, a.seed_op, a.distribution,
@@ -322,5 +548,6 @@ class LoRILinear(_LinearAttrs, nn.Module):
             raise RuntimeError(f"{what}: unmerge() first (the layer is merged)")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+        fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{fifo}, " \
                f"terms={list(self.terms)}, merged={self.merged}"

@@ -83,9 +83,11 @@ def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "globa
 
 @torch.no_grad()
 def to_sparse(model: nn.Module, masks: dict[str, torch.Tensor], *,
-              adapter_name: str = DEFAULT_ADAPTER, init: str = "zero") -> None:
+              adapter_name: str = DEFAULT_ADAPTER, init: str = "zero") -> list[nn.Parameter]:
     """Switch `adapter_name` to LoRI-S on the given masks (see calibrate_masks). The values
-    Parameters are replaced: build the optimizer afterwards."""
+    Parameters are replaced; the new ones are returned. Build the optimizer (and scheduler)
+    afterwards: one still holding the old Parameters raises at step() instead of training
+    nothing. Every mask is checked before any layer changes."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     layers = lori_layers(model)
@@ -94,4 +96,14 @@ def to_sparse(model: nn.Module, masks: dict[str, torch.Tensor], *,
         raise KeyError(f"masks for layers without adapter {adapter_name!r}: {missing[:5]}")
     for n, mask in masks.items():
         ad = layers[n].adapters[adapter_name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+                tuple(mask.shape) != (ad.out_features, ad.rank):
+            raise ValueError(f"masks[{n!r}] must be a bool tensor ({ad.out_features}, "
+                             f"{ad.rank}), got {getattr(mask, 'dtype', type(mask).__name__)} "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+    new = []
+    for n, mask in masks.items():
+        ad = layers[n].adapters[adapter_name]
         ad.set_pattern(mask, ad.dense_b() if init == "keep" else None, phase="sparse")
+        new.append(ad.values)
+    return new

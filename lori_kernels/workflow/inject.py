@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import spec
 from ..nn import DEFAULT_ADAPTER, LoRILinear
+from ..nn.linear import check_adapter_name, check_alpha, is_adaptable
 
 
 def progress_bar(iterable, *, desc: str, disable: bool, **kw):
@@ -31,6 +32,9 @@ def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise ValueError("layer name '' is the root module itself: wrap the layer in a "
+                         "container module (e.g. nn.Sequential) to adapt it")
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -50,11 +54,15 @@ def resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
 
 def wrap_linear(model: nn.Module, name: str) -> LoRILinear:
     """The LoRILinear at `name`, wrapping the nn.Linear there first if needed."""
+    if not name:
+        raise ValueError("layer name '' is the root module itself: wrap the layer in a "
+                         "container module (e.g. nn.Sequential) to adapt it")
     mod = model.get_submodule(name)
     if isinstance(mod, LoRILinear):
         return mod
-    if not isinstance(mod, nn.Linear):
-        raise TypeError(f"{name}: LoRI adapts nn.Linear layers, found {type(mod).__name__}")
+    if not is_adaptable(mod):
+        raise TypeError(f"{name}: LoRI adapts nn.Linear and transformers Conv1D layers, found "
+                        f"{type(mod).__name__}")
     layer = LoRILinear(mod)
     _set_submodule(model, name, layer)
     return layer
@@ -64,27 +72,77 @@ def inject(model: nn.Module, target_modules: str | Sequence[str], *, rank: int, 
            seed: int, distribution: str = spec.DEFAULT_DISTRIBUTION,
            adapter_name: str = DEFAULT_ADAPTER, dtype: torch.dtype = torch.float32,
            freeze_base: bool = True) -> nn.Module:
-    """Add a LoRI-D adapter to every nn.Linear whose name matches `target_modules` (PEFT's
-    matching rule; e.g. ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-    "down_proj"], or MiniLM's ["query", "key", "value", "dense"]). Layer `name` gets
-    A's seed spec.layer_seed(seed, name). Layers already wrapped get one more adapter.
-    `freeze_base` sets requires_grad=False on every parameter that is not a LoRI value.
-    Returns the model (modified in place)."""
-    spec.check_seed(seed)
-    names = [n for n, m in model.named_modules()
-             if n and _matches(n, target_modules) and isinstance(m, (nn.Linear, LoRILinear))
-             and not _inside_lori(model, n)]
-    if not names:
-        raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
-    for name in names:
-        layer = wrap_linear(model, name)
-        ad = layer.add_adapter(adapter_name, rank=rank, alpha=alpha,
-                               seed=spec.layer_seed(seed, name), distribution=distribution,
-                               dtype=dtype)
-        ad.adapter_seed = int(seed)
+    """Add a LoRI-D adapter to every nn.Linear (or transformers Conv1D) whose name matches
+    `target_modules` (PEFT's matching rule; e.g. ["q_proj", "k_proj", "v_proj", "o_proj",
+    "gate_proj", "up_proj", "down_proj"], MiniLM's ["query", "key", "value", "dense"], GPT-2's
+    ["c_attn", "c_proj", "c_fc"]). Layer `name` gets A's seed spec.layer_seed(seed, name).
+    Works on a model on the meta device (the adapters are created there too; see
+    LoRIModel.load_base_weights).
+
+    The new adapter becomes the active one and the only trainable one: on a model that already
+    has adapters, every layer switches to `adapter_name` (layers without it apply none) and the
+    other adapters are frozen. (add_task_adapter keeps old adapters active; set_active and
+    combine_adapters choose other combinations.) `freeze_base` sets requires_grad=False on
+    every parameter that is not a LoRI value. Returns the model (modified in place)."""
+    names = target_layer_names(model, target_modules)
+    add_adapters(model, names, adapter_name=adapter_name, rank=rank, alpha=alpha, seed=seed,
+                 distribution=distribution, dtype=dtype)
     if freeze_base:
         freeze_non_lori(model)
     return model
+
+
+def target_layer_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Names of the adaptable layers (nn.Linear, Conv1D, or already LoRILinear) matching
+    `target_modules`; ValueError if none does."""
+    names = [n for n, m in model.named_modules()
+             if n and _matches(n, target_modules) and (is_adaptable(m) or isinstance(
+                 m, LoRILinear)) and not _inside_lori(model, n)]
+    if not names:
+        raise ValueError(f"no nn.Linear or Conv1D in the model matches "
+                         f"target_modules={target_modules!r}")
+    return names
+
+
+def add_adapters(model: nn.Module, names: Sequence[str], *, adapter_name: str,
+                 rank: int | dict[str, int], alpha: float | dict[str, float], seed: int,
+                 distribution: str = spec.DEFAULT_DISTRIBUTION,
+                 dtype: torch.dtype = torch.float32, activate: bool = True) -> None:
+    """Add a LoRI-D adapter `adapter_name` to the layers `names` (rank/alpha: one value or one
+    per name). Everything is checked before the model changes. activate=True: it becomes the
+    model's only active and trainable adapter; False: it is added frozen and inactive."""
+    check_adapter_name(adapter_name)
+    spec.check_seed(seed)
+    spec.check_distribution(distribution)
+    ranks = rank if isinstance(rank, dict) else dict.fromkeys(names, rank)
+    alphas = alpha if isinstance(alpha, dict) else dict.fromkeys(names, alpha)
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, LoRILinear) and adapter_name in mod.adapters:
+            raise ValueError(f"{name}: adapter {adapter_name!r} already exists")
+        if not (is_adaptable(mod) or isinstance(mod, LoRILinear)):
+            raise TypeError(f"{name}: LoRI adapts nn.Linear and transformers Conv1D layers, "
+                            f"found {type(mod).__name__}")
+        if not name:
+            raise ValueError("layer name '' is the root module itself: wrap the layer in a "
+                             "container module (e.g. nn.Sequential) to adapt it")
+        r = ranks[name]
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= spec.MAX_RANK:
+            raise ValueError(f"rank for {name} must be an int in [1, {spec.MAX_RANK}], got {r!r}")
+        check_alpha(alphas[name], f"alpha for {name}")
+    for name in names:
+        layer = wrap_linear(model, name)
+        ad = layer.add_adapter(adapter_name, rank=ranks[name], alpha=alphas[name],
+                               seed=spec.layer_seed(seed, name), distribution=distribution,
+                               dtype=dtype, activate=False)
+        ad.adapter_seed = int(seed)
+        ad.values.requires_grad_(activate)
+    if activate:
+        set_active(model, adapter_name)
+        for layer in lori_layers(model).values():
+            for n, other in layer.adapters.items():
+                if n != adapter_name:
+                    other.values.requires_grad_(False)
 
 
 def freeze_non_lori(model: nn.Module) -> None:
@@ -162,11 +220,16 @@ def add_task_adapter(model: nn.Module, adapter_name: str, *, share_a_with: str |
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Replace every LoRILinear by its base nn.Linear (unmerging first if merged): the plain
-    model back, e.g. to hand to PEFT."""
+    """Replace every LoRILinear by its base layer, without the adapters: the plain model back,
+    e.g. to hand to PEFT. A merged model is refused (unwrapping would either keep the merged
+    weights or silently drop them): call merge_and_unload(model) to keep them, or
+    unmerge(model) first."""
+    merged = [n for n, layer in lori_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"unwrap: {len(merged)} layers are merged ({merged[:3]}...): call "
+                         "merge_and_unload(model) to keep the merged weights, or "
+                         "unmerge(model) first to get the base model back")
     for name, layer in lori_layers(model).items():
-        if layer.merged:
-            layer.unmerge()
         _set_submodule(model, name, layer.base)
     return model
 

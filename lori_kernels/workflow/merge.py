@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .inject import lori_layers, progress_bar
+from .inject import _set_submodule, lori_layers, progress_bar
 
 COMBINATIONS = ("cat", "linear")
 
@@ -17,6 +17,18 @@ def merge(model: nn.Module, progress: bool = False) -> nn.Module:
     for layer in progress_bar(list(lori_layers(model).values()), desc="merge",
                               disable=not progress):
         layer.merge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, progress: bool = False) -> nn.Module:
+    """Merge the active combination into the base weights (layers already merged stay as they
+    are) and replace every LoRILinear by its base layer, which keeps the merged weights: the
+    adapted model as a plain model (PEFT's merge_and_unload)."""
+    for name, layer in progress_bar(list(lori_layers(model).items()), desc="merge",
+                                    disable=not progress):
+        if not layer.merged:
+            layer.merge()
+        _set_submodule(model, name, layer.base)
     return model
 
 
