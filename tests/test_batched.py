@@ -356,7 +356,7 @@ def test_pool_validates_adapters():
     with pytest.raises(ValueError, match="out_features=300"):
         pool.add("o", random_packed(300, RANK, generator=g), seed=1)
     b = random_packed(OUT, RANK, generator=g)
-    with pytest.raises(ValueError, match="offsets do not match"):
+    with pytest.raises(ValueError, match="offsets"):
         pool.add("bad", L.PackedB(b.mask, b.values, b.offsets.flip(0), RANK), seed=1)
     with pytest.raises(ValueError, match="seed is required"):
         pool.add("s", b)

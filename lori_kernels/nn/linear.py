@@ -398,6 +398,8 @@ class _LinearAttrs:
     .in_features, ...). For a transformers Conv1D base, `weight` is its own (in, out) matrix, as
     the code around it expects."""
 
+    fan_in_fan_out = False  # a layer over a Conv1D sets it (its weight is (in, out))
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
