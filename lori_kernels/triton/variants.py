@@ -12,8 +12,9 @@ too, where nothing is compiled, so the count can be measured on a CPU machine. `
 reads the real per-device kernel caches (compiled kernels only).
 
 LORI_TRITON_VARIANTS=<path> (set before lori_kernels.triton is imported) records every launch
-of the process and writes {"keys": {kernel: n}, "compiled": {kernel: n}, totals} as JSON to
-<path> at exit; the GPU check reports that file.
+of the process and, at exit, merges the launch keys and the compiled variants' cache keys per
+kernel into <path> (JSON); the GPU check reports the counts. LORI_TRITON_VARIANTS_KEYS=0 skips
+the per-launch hook (compiled variants only).
 """
 from __future__ import annotations
 
@@ -174,7 +175,11 @@ def install_from_env() -> None:
     path = os.environ.get("LORI_TRITON_VARIANTS")
     if not path or _env_recorder is not None:
         return
-    _env_recorder = Recorder().install()
+    _env_recorder = Recorder()
+    # The per-launch hook costs host time on every launch: benchmarks turn it off and count
+    # only the compiled variants (read from the caches at exit, free).
+    if os.environ.get("LORI_TRITON_VARIANTS_KEYS", "1") != "0":
+        _env_recorder.install()
 
     def _write():
         try:
