@@ -430,24 +430,25 @@ def update_report(report: dict, args) -> dict:
 
 def _ratio_rows(report: dict) -> None:
     """time_vs_dense / time_vs_cuda on every row, from the rows of all processes."""
+    def shape(r):  # rows compare only at the same problem
+        return (r["op"], r["T"], r.get("in_features"), r.get("dtype"), r.get("case"),
+                r.get("adapters"))
     base = {}
     for r in report["results"]:
-        if "median_us" in r and r["provider"] in ("dense_cublas", "cuda", "cpu"):
-            base[(r["provider"], r["op"], r["T"])] = r["median_us"]
-    loops = {(r["case"], r["T"], r["adapters"]): r["median_us"] for r in report["results"]
-             if r.get("provider") == "dense_loop" and "median_us" in r}
+        if "median_us" in r and r["provider"] in ("dense_cublas", "cuda", "dense_loop"):
+            base[(r["provider"],) + shape(r)] = r["median_us"]
     for r in report["results"]:
         if "median_us" not in r:
             continue
         if r["op"] == "batched_fwd":
-            lp = loops.get((r.get("case"), r["T"], r.get("adapters")))
+            lp = base.get(("dense_loop",) + shape(r))
             if lp and r["provider"] != "dense_loop":
                 r["time_vs_dense_loop"] = r["median_us"] / lp
             continue
-        d = base.get(("dense_cublas", r["op"], r["T"]))
+        d = base.get(("dense_cublas",) + shape(r))
         if d and r["provider"] != "dense_cublas":
             r["time_vs_dense"] = r["median_us"] / d
-        c = base.get(("cuda", r["op"], r["T"]))
+        c = base.get(("cuda",) + shape(r))
         if c and r["provider"] == "triton":
             r["time_vs_cuda"] = r["median_us"] / c
 
@@ -481,6 +482,11 @@ def summary_line(report: dict) -> str:
     if nb:
         parts.append(f"batched rows {len([r for r in rows if r['op'] == 'batched_fwd'])} "
                      f"({len(nb)} sync-free)")
+        for prov in sorted({r["provider"] for r in nb}):
+            rs = [r for r in nb if r["provider"] == prov and "time_vs_dense_loop" in r]
+            if rs:
+                parts.append(f"{prov}/dense_loop " + " ".join(
+                    f"{r['case']}{r['adapters']}:{r['time_vs_dense_loop']:.2f}x" for r in rs))
     v = report.get("triton_variants")
     if v:
         parts.append(f"triton variants {v.get('compiled_total') or v.get('keys_total')}")
