@@ -489,7 +489,8 @@ def summary_line(report: dict) -> str:
                     f"{r['case']}{r['adapters']}:{r['time_vs_dense_loop']:.2f}x" for r in rs))
     v = report.get("triton_variants")
     if v:
-        parts.append(f"triton variants {v.get('compiled_total') or v.get('keys_total')}")
+        parts.append(f"triton JIT variants: {v.get('compiled_total', 0)} compiled, "
+                     f"{v.get('keys_total', 0)} launch keys")
     errs = [r for r in report.get("results", []) if "error" in r]
     if errs:
         parts.append(f"{len(errs)} rows with errors")
