@@ -60,25 +60,26 @@ def test_benchmark_without_gpu_still_writes_json(tmp_path):
 
 
 def test_shell_respects_a_short_deadline(tmp_path):
-    # 60 s: the full dry run takes minutes, so later stages do not fit; whatever is skipped is
-    # recorded, the JSON and the summary line are written, and the run exits 1 in time.
+    # 20 s: less than the stages' interpreter starts alone (~45 s on an idle 2-core machine),
+    # so some stage is cut off or skipped; that is recorded, every later stage is accounted
+    # for, the JSON and the summary line are written, and the run exits 1 in time.
     if not any(f.startswith("_C") for f in os.listdir(os.path.join(ROOT, "lori_kernels"))):
         pytest.skip("lori_kernels._C is not built")
-    env = dict(os.environ, LORI_GPU_CHECK_DRY_RUN="1", LORI_GPU_CHECK_DEADLINE="60",
+    env = dict(os.environ, LORI_GPU_CHECK_DRY_RUN="1", LORI_GPU_CHECK_DEADLINE="20",
                LORI_GPU_CHECK_RESERVE="5", OUT=str(tmp_path))
     out = tmp_path / "run" / "gpu_check.json"
     t0 = time.time()
     r = _run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out)], timeout=240,
              env=env)
     # The deadline, plus the final summary's own interpreter start (outside every stage).
-    assert time.time() - t0 < 60 + 60, r.stdout[-3000:]
+    assert time.time() - t0 < 20 + 60, r.stdout[-3000:]
     assert r.returncode == 1, r.stdout[-3000:]
     rep = json.loads(out.read_text())
     names = [s["name"] for s in rep["stages"]]
     # Every stage of the check is accounted for, run or skipped.
     assert names == ["probe", "build", "import", "tests_cuda", "tests_batched", "bench_cuda",
                      "tests_triton", "bench_triton"], names
-    assert any(s["status"] == "skipped" for s in rep["stages"]), rep["stages"]
+    assert any(s["status"] in ("skipped", "timeout") for s in rep["stages"]), rep["stages"]
     assert r.stdout.strip().splitlines()[-1].startswith("gpu-check: DRY RUN")
     # Copied to $OUT as the run went.
     assert (tmp_path / "gpu_check.json").exists() and (tmp_path / "gpu_check_stages.tsv").exists()
