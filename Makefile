@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BUILD_STAMP := build/.lori_build_stamp
 NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: all venv build test test-fast bench gpu-check fuzz clean
+.PHONY: all venv build test test-fast bench gpu-check gpu-precheck fuzz clean
 all: test
 
 $(VENV)/.installed: Makefile
@@ -47,8 +47,14 @@ bench: build
 fuzz: build
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} PYTHONPATH=. $(VPY) tests/fuzz_driver.py
 
+# On a GPU machine (also rehearses without one: LORI_GPU_CHECK_DRY_RUN=1 make gpu-check).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# No GPU needed: every Triton kernel compiles for sm_90 under the GPU machine's Triton (3.6).
+# Uses the venv `make test` creates (.ci/run runs it after `make test`).
+gpu-precheck:
+	PY=$(VPY) bash .ci/gpu_precheck.sh
 
 clean:
 	rm -rf build lori_kernels/*.so *.egg-info

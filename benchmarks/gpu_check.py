@@ -1,4 +1,4 @@
-"""Benchmark half of the GPU check (benchmarks/gpu_check.sh runs the build and tests first).
+"""Benchmark half of the GPU check, and its report (benchmarks/gpu_check.sh runs the stages).
 
 sparse_delta forward and forward+backward vs dense LoRA on cuBLAS (two F.linear calls,
 reference.dense_lora) at in = out = 4096, rank 32, 90% sparsity, T in {1, 16, 256, 4096}, bf16.
@@ -7,36 +7,54 @@ when Triton is missing. Reports achieved GB/s on each provider's compulsory traf
 fraction of the memory roofline (the datasheet bandwidth of the named GPU, and a measured
 device-to-device copy). Writes one JSON file and prints progress as it goes.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
-    python benchmarks/gpu_check.py --dry-run --out /tmp/x.json     # CPU: exercises the code paths
+    python benchmarks/gpu_check.py --out R.json --providers cuda,dense     # CUDA + cuBLAS rows
+    python benchmarks/gpu_check.py --out R.json --providers triton --merge # Triton rows, own process
+    python benchmarks/gpu_check.py --out R.json --update --stages S.tsv    # report only (no torch)
+    python benchmarks/gpu_check.py --out R.json --summary                  # the one-line summary
+    python benchmarks/gpu_check.py --dry-run ...                           # CPU, small sizes
 
-Providers: "cuda" (torch.ops.lori.sparse_delta / sparse_delta_backward on CUDA tensors),
-"triton" (torch.ops.lori.triton_* when lori_kernels.triton is importable), "dense_cublas".
+Providers (--providers, comma-separated): "cuda" (torch.ops.lori.sparse_delta /
+sparse_delta_backward and batched_sparse_delta on CUDA tensors), "dense" (dense_cublas and,
+for the batched rows, dense_loop and stacked_bmm), "triton" (torch.ops.lori.triton_*). The
+shell runs the Triton rows in a process of their own after the CUDA ones, so that a fault in
+a Triton kernel (which poisons the CUDA context of its process) cannot cost the CUDA rows;
+with --merge a process adds its rows to the JSON already there, and ratios to dense_cublas /
+cuda come from the rows of the earlier process. A process that hits a CUDA fault stops timing
+(every later call in it would fail) and says so in "errors".
 fwd+bwd of the lori providers is the forward op plus the backward op (grad_x and grad_values);
 for dense it is autograd through dense_lora with x and B requiring grad (A frozen).
 
 Batched rows (op "batched_fwd"): batched_sparse_delta over a 64-adapter pool, T=64 decode
 tokens over 1, 8 and 64 distinct adapters (interleaved) and T=2048 prefill over 8 adapters
-(runs of 256), same shape/rank/sparsity/dtype. Providers: "cuda_batched"
-(torch.ops.lori.batched_sparse_delta), "triton_batched" (torch.ops.lori.triton_batched_sparse_delta;
-skipped, with the reason in "errors", when it has no kernel), "dense_loop" (a Python loop of
-dense LoRA per adapter; the per-adapter token indices are computed outside the timing) and
-"stacked_bmm" (gather dense A[ids], B[ids] per token from stacked tensors, then bmm). They run
-with fewer timing reps and their own time budget (--batched-budget-s).
+(runs of 256), same shape/rank/sparsity/dtype. Each lori batched provider has a sync-free twin
+("..._nosync"): by default a batched call validates the ids and pool on the device and reads
+the verdict back (one host sync per call), which at decode sizes mostly measures the sync;
+the twin turns the check off (lori_kernels.set_validation("off"), every backend). dense_loop is a Python loop of dense LoRA per adapter (the per-adapter token
+indices computed outside the timing), stacked_bmm gathers dense A[ids], B[ids] per token.
+
+The JSON always exists once this script has started (written in a finally block, also when
+torch, lori_kernels._C or CUDA fail to load): "stages" (from the shell's stage table),
+"tests", "device", "results", "errors", "triton_variants" (JIT variants compiled, see
+lori_kernels/triton/variants.py) and "summary" (the one line).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+SCHEMA = "lori_kernels.gpu_check/2"
 
 # Datasheet HBM bandwidth (GB/s) by device-name substring, most specific first.
 PEAK_GBPS = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
@@ -79,7 +97,7 @@ def make_timer(device: str, warmup_ms: int = 25, rep_ms: int = 100):
     import torch
 
     if device == "cpu":
-        def time_cpu(fn, reps: int = 5):
+        def time_cpu(fn, reps: int = 3):
             fn()
             ts = []
             for _ in range(reps):
@@ -161,6 +179,42 @@ def dense_bytes(T, in_f, out_f, rank, esize, with_bwd):
         2 * out_f * rank * esize
 
 
+# ---- validation switches (sync-free rows) ------------------------------------------------------
+
+# The one validation switch (lori_kernels.validation) off: a batched call skips its
+# device-side check and the host sync that reads it back, on every backend.
+NOSYNC_ENV = {"LORI_VALIDATE": "off"}
+
+
+@contextlib.contextmanager
+def env_set(values: dict):
+    if not values:
+        yield
+        return
+    from lori_kernels import validation
+
+    with validation.validation(values["LORI_VALIDATE"]):
+        yield
+
+
+CUDA_FAULT = re.compile(r"illegal memory access|illegal instruction|misaligned address|"
+                        r"unspecified launch failure|device-side assert|CUDA error|"
+                        r"AcceleratorError|an illegal|launch timed out", re.I)
+
+
+class ContextLost(RuntimeError):
+    """A CUDA fault: every later CUDA call of this process would fail too."""
+
+
+def note_error(report: dict, row: dict, e: BaseException, device: str) -> None:
+    row["error"] = f"{type(e).__name__}: {e}"[:500]
+    if device == "cuda" and CUDA_FAULT.search(row["error"]):
+        report["errors"].append(f"CUDA fault in {row['provider']} ({row.get('op')} "
+                                f"T={row.get('T')}): {row['error'][:300]}; this process stops "
+                                "timing (its CUDA context is lost)")
+        raise ContextLost(row["error"])
+
+
 # ---- batched multi-adapter rows ---------------------------------------------------------------
 
 BATCHED_CASES = [("decode", 64, 1, "interleaved"), ("decode", 64, 8, "interleaved"),
@@ -168,20 +222,7 @@ BATCHED_CASES = [("decode", 64, 1, "interleaved"), ("decode", 64, 8, "interleave
 BATCHED_POOL = 64
 
 
-def _triton_batched_unavailable(device: str) -> str | None:
-    """Why the Triton batched op cannot be benchmarked here (None: try it)."""
-    if device != "cuda":
-        return "dry run"
-    try:
-        import lori_kernels.triton as lori_triton
-    except Exception as e:
-        return f"lori_kernels.triton: {type(e).__name__}: {e}"
-    if not lori_triton.available():
-        return f"triton backend unavailable: {lori_triton.import_error!r}"
-    return None
-
-
-def run_batched(args, report, device, dtype, feats, rank, add) -> None:
+def run_batched(args, report, device, dtype, feats, rank, add, wanted, deadline) -> None:
     """batched_sparse_delta rows (see the module docstring)."""
     import torch
 
@@ -196,6 +237,8 @@ def run_batched(args, report, device, dtype, feats, rank, add) -> None:
     if args.dry_run:  # CPU: small and quick
         cases, n_pool = [("decode", 16, 1, "interleaved"), ("decode", 16, 4, "interleaved"),
                          ("prefill", 64, 4, "runs")], 4
+        if "triton" in wanted:  # the interpreter: one case
+            cases = cases[1:2]
     scale = 2.0
     t0 = time.time()
     gen = torch.Generator().manual_seed(1)
@@ -212,17 +255,22 @@ def run_batched(args, report, device, dtype, feats, rank, add) -> None:
     pool_args = pool.op_args()
     log(f"batched: pool of {n_pool} adapters ready in {time.time() - t0:.1f}s")
 
-    prov_name = "cuda_batched" if device == "cuda" else "cpu_batched"
-    providers = {prov_name: ops.batched_sparse_delta}
-    why = _triton_batched_unavailable(device)
-    if why is None:
-        providers["triton_batched"] = ops.triton_batched_sparse_delta
-    else:
-        report["errors"].append(f"triton_batched skipped: {why}")
+    providers = {}  # name -> (op, env)
+    if "cuda" in wanted:
+        name = "cuda_batched" if device == "cuda" else "cpu_batched"
+        providers[name] = (ops.batched_sparse_delta, {})
+        providers[name + "_nosync"] = (ops.batched_sparse_delta, NOSYNC_ENV)
+    if "triton" in wanted:
+        why = triton_unavailable(device, args.dry_run)
+        if why is None:
+            providers["triton_batched"] = (ops.triton_batched_sparse_delta, {})
+            providers["triton_batched_nosync"] = (ops.triton_batched_sparse_delta, NOSYNC_ENV)
+        else:
+            report["errors"].append(f"triton_batched skipped: {why}")
 
     t_begin = time.time()
     for name, T, k, layout in cases:
-        if time.time() - t_begin > args.batched_budget_s:
+        if time.time() - t_begin > args.batched_budget_s or time.time() > deadline:
             report["errors"].append(f"batched budget: skipped {name} T={T} adapters={k} and later")
             break
         g = torch.Generator().manual_seed(T + k)
@@ -247,93 +295,236 @@ def run_batched(args, report, device, dtype, feats, rank, add) -> None:
         with torch.no_grad():
             y_ref = dense_loop()
         ref_max = max(y_ref.float().abs().max().item(), 1e-30)
-        fns = [("dense_loop", dense_loop)]
-        for prov, op in list(providers.items()):
-            fns.append((prov, lambda op=op: op(x, ids, *pool_args)))
-        fns.append(("stacked_bmm", stacked_bmm))
-        loop_us = None
-        for prov, fn in fns:
+        fns = []
+        if "dense" in wanted:
+            fns.append(("dense_loop", dense_loop, {}))
+        for prov, (op, env) in list(providers.items()):
+            fns.append((prov, lambda op=op: op(x, ids, *pool_args), env))
+        if "dense" in wanted:
+            fns.append(("stacked_bmm", stacked_bmm, {}))
+        for prov, fn, env in fns:
             row = {"op": "batched_fwd", "case": name, "provider": prov, "T": T, "adapters": k,
                    "pool": n_pool, "layout": layout, "in_features": feats, "out_features": feats,
                    "rank": rank, "sparsity": args.sparsity,
-                   "dtype": str(dtype).replace("torch.", ""), "distribution": "rademacher"}
+                   "dtype": str(dtype).replace("torch.", ""), "distribution": "rademacher",
+                   "sync_free": bool(env) or prov in ("dense_loop", "stacked_bmm")}
             try:
-                with torch.no_grad():
+                with torch.no_grad(), env_set(env):
                     y = fn()
                     row["max_err_vs_dense_rel"] = \
                         (y.float() - y_ref.float()).abs().max().item() / ref_max
                     med, p20, p80 = timer(fn)
                 row.update(median_us=med, p20_us=p20, p80_us=p80)
-                if prov == "dense_loop":
-                    loop_us = med
-                elif loop_us:
-                    row["time_vs_dense_loop"] = med / loop_us
-                extra = (f" x{row['time_vs_dense_loop']:.2f} of the dense loop"
-                         if "time_vs_dense_loop" in row else "")
-                log(f"batched {name:7s} T={T:5d} adapters={k:3d} {prov:14s} {med:9.1f} us "
-                    f"[{p20:.1f}, {p80:.1f}] err {row['max_err_vs_dense_rel']:.1e}{extra}")
+                log(f"batched {name:7s} T={T:5d} adapters={k:3d} {prov:22s} {med:9.1f} us "
+                    f"[{p20:.1f}, {p80:.1f}] err {row['max_err_vs_dense_rel']:.1e}")
+            except ContextLost:
+                raise
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:500]
-                log(f"batched {name:7s} T={T:5d} adapters={k:3d} {prov:14s} ERROR {row['error']}")
-                if prov == "triton_batched":  # not written yet, or failing: stop asking
+                try:
+                    note_error(report, row, e, device)
+                finally:
+                    add(row)
+                log(f"batched {name:7s} T={T:5d} adapters={k:3d} {prov:22s} ERROR {row['error']}")
+                if prov.startswith("triton"):  # failing: stop asking
                     providers.pop(prov, None)
-                    report["errors"].append(f"triton_batched dropped: {row['error']}")
+                    report["errors"].append(f"{prov} dropped: {row['error']}")
+                continue
             add(row)
 
 
-# ---- main ----------------------------------------------------------------------------------------
+# ---- the report: stages, tests, ratios, summary -------------------------------------------------
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_check.json"))
-    p.add_argument("--dry-run", action="store_true",
-                   help="run on the CPU at small sizes (no GPU needed): checks the code paths")
-    p.add_argument("--tokens", default="1,16,256,4096")
-    p.add_argument("--features", type=int, default=4096, help="in_features = out_features")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--budget-s", type=float, default=150.0,
-                   help="stop starting new cases after this many seconds")
-    p.add_argument("--batched-budget-s", type=float, default=45.0,
-                   help="time budget of the batched rows (0 skips them)")
-    p.add_argument("--build-seconds", type=float, default=None)
-    p.add_argument("--build-failed", action="store_true")
-    p.add_argument("--tests-rc", type=int, default=None)
-    p.add_argument("--tests-log", default=None)
-    args = p.parse_args(argv)
+def load_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
-    report: dict = {"schema": "lori_kernels.gpu_check/1", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "git_sha": git_sha(), "host": platform.node(),
-                    "build": {"seconds": args.build_seconds, "ok": not args.build_failed},
-                    "tests": None, "device": None, "results": [], "errors": []}
-    if args.tests_rc is not None:
-        tail = []
-        if args.tests_log and os.path.exists(args.tests_log):
-            with open(args.tests_log, errors="replace") as f:
-                tail = [ln for ln in f.read().splitlines()
-                        if ln.startswith(("====", "FAILED", "ERROR")) or " passed" in ln
-                        or " failed" in ln][-40:]
-        report["tests"] = {"rc": args.tests_rc, "passed": args.tests_rc == 0, "summary": tail}
-    if args.build_failed:
-        write_json(args.out, report)
-        log(f"build failed: wrote {args.out}")
-        return 1
 
+def skeleton() -> dict:
+    return {"schema": SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_sha": git_sha(), "host": platform.node(), "dry_run": False, "stages": [],
+            "tests": {}, "device": None, "results": [], "errors": [], "triton_variants": None,
+            "summary": None}
+
+
+def read_stages(path: str | None) -> list[dict]:
+    """The shell's stage table: one `name<TAB>status<TAB>seconds<TAB>detail` line per stage."""
+    out = []
+    if path and os.path.exists(path):
+        with open(path, errors="replace") as f:
+            for ln in f:
+                parts = ln.rstrip("\n").split("\t")
+                if len(parts) >= 3:
+                    try:
+                        sec = float(parts[2])
+                    except ValueError:
+                        sec = None
+                    out.append({"name": parts[0], "status": parts[1], "seconds": sec,
+                                "detail": parts[3] if len(parts) > 3 else ""})
+    return out
+
+
+_COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)")
+
+
+def parse_pytest_log(path: str) -> dict:
+    """Counts, failures and per-test timeouts from one pytest log."""
+    info = {"log": os.path.basename(path), "counts": {}, "failed": [], "timeouts": [],
+            "collected": None}
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        info["missing"] = True
+        return info
+    for ln in lines:
+        if ln.startswith(("FAILED ", "ERROR ")):
+            info["failed"].append(ln[:300])
+        elif "Timeout" in ln and "+++" in ln:
+            info["timeouts"].append(ln.strip()[:300])
+        m = re.match(r"^(\d+)(?:/\d+)? tests? collected", ln.strip())
+        if m:
+            info["collected"] = int(m.group(1))
+    for ln in reversed(lines):  # pytest's final "N passed, M skipped in Xs" line
+        if re.search(r"\d+ (passed|failed|skipped|errors?|deselected).* in [\d.]+s", ln):
+            for n, what in _COUNT.findall(ln):
+                info["counts"][what.rstrip("s") if what.startswith("error") else what] = int(n)
+            break
+    return info
+
+
+def variant_counts(path: str | None) -> dict | None:
+    """Counts in a LORI_TRITON_VARIANTS file (lori_kernels/triton/variants.py writes it)."""
+    data = load_json(path) if path else None
+    if not data:
+        return None
+    keys = {n: len(v) for n, v in sorted(data.get("keys", {}).items())}
+    comp = {n: len(v) for n, v in sorted(data.get("compiled", {}).items())}
+    return {"keys_total": sum(keys.values()), "compiled_total": sum(comp.values()),
+            "keys": keys, "compiled": comp, "processes": data.get("processes")}
+
+
+def update_report(report: dict, args) -> dict:
+    """Fold the shell's stage table, the test logs and the variant counts into the report."""
+    if args.stages:
+        report["stages"] = read_stages(args.stages)
+    for spec in args.tests_log or []:
+        name, _, path = spec.partition("=")
+        if path:
+            report.setdefault("tests", {})[name] = parse_pytest_log(path)
+    if args.variants:
+        v = variant_counts(args.variants)
+        if v is not None:
+            report["triton_variants"] = v
+    if args.dry_run:
+        report["dry_run"] = True
+    return report
+
+
+def _ratio_rows(report: dict) -> None:
+    """time_vs_dense / time_vs_cuda on every row, from the rows of all processes."""
+    def shape(r):  # rows compare only at the same problem
+        return (r["op"], r["T"], r.get("in_features"), r.get("dtype"), r.get("case"),
+                r.get("adapters"))
+    base = {}
+    for r in report["results"]:
+        if "median_us" in r and r["provider"] in ("dense_cublas", "cuda", "dense_loop"):
+            base[(r["provider"],) + shape(r)] = r["median_us"]
+    for r in report["results"]:
+        if "median_us" not in r:
+            continue
+        if r["op"] == "batched_fwd":
+            lp = base.get(("dense_loop",) + shape(r))
+            if lp and r["provider"] != "dense_loop":
+                r["time_vs_dense_loop"] = r["median_us"] / lp
+            continue
+        d = base.get(("dense_cublas",) + shape(r))
+        if d and r["provider"] != "dense_cublas":
+            r["time_vs_dense"] = r["median_us"] / d
+        c = base.get(("cuda",) + shape(r))
+        if c and r["provider"] == "triton":
+            r["time_vs_cuda"] = r["median_us"] / c
+
+
+def summary_line(report: dict) -> str:
+    """One line: what ran, what passed, the headline ratios."""
+    parts = []
+    stages = report.get("stages") or []
+    if stages:
+        ok = sum(1 for s in stages if s["status"] in ("ok", "dry"))
+        bad = [f"{s['name']}={s['status']}" for s in stages if s["status"] not in ("ok", "dry")]
+        parts.append(f"stages {ok}/{len(stages)} ok" + (f" ({', '.join(bad)})" if bad else ""))
+    for name, t in (report.get("tests") or {}).items():
+        c = t.get("counts", {})
+        if t.get("collected") is not None and not c.get("passed") and not c.get("failed"):
+            parts.append(f"{name}: {t['collected']} collected")
+        else:
+            parts.append(f"{name}: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed"
+                         + (f", {len(t['timeouts'])} timed out" if t.get("timeouts") else ""))
+    rows = [r for r in report.get("results", []) if "median_us" in r]
+    for prov in ("cuda", "triton", "cpu"):
+        rs = sorted((r for r in rows if r["provider"] == prov and r["op"] == "fwd"
+                     and "time_vs_dense" in r), key=lambda r: r["T"])
+        if rs:
+            parts.append(f"{prov} fwd/dense " + " ".join(f"T={r['T']}:{r['time_vs_dense']:.2f}x"
+                                                         for r in rs))
+    tc = [r["time_vs_cuda"] for r in rows if "time_vs_cuda" in r]
+    if tc:
+        parts.append(f"triton/cuda {min(tc):.2f}-{max(tc):.2f}x")
+    nb = [r for r in rows if r["op"] == "batched_fwd" and r["provider"].endswith("_nosync")]
+    if nb:
+        parts.append(f"batched rows {len([r for r in rows if r['op'] == 'batched_fwd'])} "
+                     f"({len(nb)} sync-free)")
+        for prov in sorted({r["provider"] for r in nb}):
+            rs = [r for r in nb if r["provider"] == prov and "time_vs_dense_loop" in r]
+            if rs:
+                parts.append(f"{prov}/dense_loop " + " ".join(
+                    f"{r['case']}{r['adapters']}:{r['time_vs_dense_loop']:.2f}x" for r in rs))
+    v = report.get("triton_variants")
+    if v:
+        parts.append(f"triton JIT variants: {v.get('compiled_total', 0)} compiled, "
+                     f"{v.get('keys_total', 0)} launch keys")
+    errs = [r for r in report.get("results", []) if "error" in r]
+    if errs:
+        parts.append(f"{len(errs)} rows with errors")
+    if report.get("dry_run"):
+        parts.insert(0, "DRY RUN")
+    return "gpu-check: " + "; ".join(parts) if parts else "gpu-check: nothing ran"
+
+
+# ---- benchmark ---------------------------------------------------------------------------------
+
+def triton_unavailable(device: str, dry_run: bool) -> str | None:
+    """Why the Triton ops cannot be benchmarked here (None: try them)."""
+    try:
+        import lori_kernels.triton as lori_triton
+    except Exception as e:
+        return f"lori_kernels.triton: {type(e).__name__}: {e}"
+    if not lori_triton.available():
+        return f"triton backend unavailable: {lori_triton.import_error!r}"
+    if device == "cpu" and not lori_triton.interpreted():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def run_bench(args, report, add, wanted, deadline) -> None:
     import torch
 
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("torch sees no CUDA device (LORI_GPU_CHECK_DRY_RUN=1 rehearses on CPU)")
     import lori_kernels
     from lori_kernels import reference
     from lori_kernels.packing import pack_bitmask
 
-    device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        log("no CUDA device: use --dry-run on a CPU machine")
-        return 1
     tokens = [int(t) for t in args.tokens.split(",")]
     feats, rank = args.features, args.rank
     dtype = torch.bfloat16
-    if args.dry_run:
-        tokens, feats, dtype = [t for t in tokens if t <= 16] or [1], min(feats, 256), torch.float32
+    if args.dry_run:  # CPU sizes; the interpreter (Triton) is slower still
+        tokens = [t for t in tokens if t <= (1 if "triton" in wanted else 16)] or [1]
+        feats, dtype = min(feats, 128 if "triton" in wanted else 256), torch.float32
     esize = torch.finfo(dtype).bits // 8
     timer, timer_name = make_timer(device)
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
@@ -348,26 +539,29 @@ def main(argv=None) -> int:
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count
         if device == "cuda" else None,
     }
+    try:
+        import triton
+        report["device"]["triton"] = triton.__version__
+    except ImportError:
+        report["device"]["triton"] = None
 
-    # Providers of the lori delta.
     ops = torch.ops.lori
     providers = {}
-    if device == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("lori::sparse_delta",
-                                                                             "CUDA"):
-        providers["cuda"] = (ops.sparse_delta, ops.sparse_delta_backward)
-    elif device == "cpu":
-        providers["cpu"] = (ops.sparse_delta, ops.sparse_delta_backward)
-    else:
-        report["errors"].append("lori_kernels._C has no CUDA kernels (built without CUDA?)")
-    try:
-        import lori_kernels.triton as lori_triton
-        if device == "cuda" and lori_triton.available():
+    if "cuda" in wanted:
+        if device == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "lori::sparse_delta", "CUDA"):
+            providers["cuda"] = (ops.sparse_delta, ops.sparse_delta_backward)
+        elif device == "cpu":
+            providers["cpu"] = (ops.sparse_delta, ops.sparse_delta_backward)
+        else:
+            report["errors"].append("lori_kernels._C has no CUDA kernels (built without CUDA?)")
+    if "triton" in wanted:
+        why = triton_unavailable(device, args.dry_run)
+        if why is None:
             providers["triton"] = (ops.triton_sparse_delta, ops.triton_sparse_delta_backward)
-        elif device == "cuda":
-            report["errors"].append(f"triton backend unavailable: {lori_triton.import_error!r}")
-    except Exception as e:  # the Triton backend is optional
-        report["errors"].append(f"triton backend unavailable: {type(e).__name__}: {e}")
-    log(f"providers: {sorted(providers)} + dense_cublas")
+        else:
+            report["errors"].append(f"triton skipped: {why}")
+    log(f"providers: {sorted(providers)}" + (" + dense_cublas" if "dense" in wanted else ""))
 
     seed = lori_kernels.spec.check_seed(lori_kernels.layer_seed(1234, "gpu_check"))
     dist, scale = "rademacher", 2.0
@@ -379,35 +573,31 @@ def main(argv=None) -> int:
     a = lori_kernels.random_a(seed, rank, feats, distribution=dist, dtype=dtype, device=device)
     t_begin = time.time()
 
-    def add(row):
-        report["results"].append(row)
-        write_json(args.out, report)  # keep what we have if a later case dies
-
     for T in tokens:
         x = torch.randn(T, feats, generator=gen).to(dtype).to(device)
         gy = torch.randn(T, feats, generator=gen).to(dtype).to(device)
         y_dense = reference.dense_lora(x, a, b_dense, scale)
         ref_max = y_dense.float().abs().max().item()
-        dense_us = {}
         for with_bwd in (False, True):
             op_name = "fwd+bwd" if with_bwd else "fwd"
-            if time.time() - t_begin > args.budget_s:
+            if time.time() - t_begin > args.budget_s or time.time() > deadline:
                 report["errors"].append(f"budget: skipped T={T} {op_name} and later cases")
                 break
-            # dense cuBLAS baseline
-            if with_bwd:
-                xg = x.clone().requires_grad_(True)
-                bg = b_dense.clone().requires_grad_(True)
+            cases = []
+            if "dense" in wanted:
+                if with_bwd:
+                    xg = x.clone().requires_grad_(True)
+                    bg = b_dense.clone().requires_grad_(True)
 
-                def dense_fn(xg=xg, bg=bg):
-                    reference.dense_lora(xg, a, bg, scale).backward(gy)
-                    xg.grad = None
-                    bg.grad = None
-            else:
-                def dense_fn():
-                    reference.dense_lora(x, a, b_dense, scale)
-            cases = [("dense_cublas", dense_fn, None,
-                      dense_bytes(T, feats, feats, rank, esize, with_bwd))]
+                    def dense_fn(xg=xg, bg=bg):
+                        reference.dense_lora(xg, a, bg, scale).backward(gy)
+                        xg.grad = None
+                        bg.grad = None
+                else:
+                    def dense_fn():
+                        reference.dense_lora(x, a, b_dense, scale)
+                cases.append(("dense_cublas", dense_fn, None,
+                              dense_bytes(T, feats, feats, rank, esize, with_bwd)))
             args_ = (packed.mask, packed.values, packed.offsets, rank, seed, dist, scale)
             for prov, (fwd, bwd) in providers.items():
                 def fwd_fn(fwd=fwd):
@@ -437,30 +627,102 @@ def main(argv=None) -> int:
                         row["roofline_frac"] = row["gbps"] / peak
                     if copy_gbps:
                         row["copy_frac"] = row["gbps"] / copy_gbps
-                    if prov == "dense_cublas":
-                        dense_us[op_name] = med
-                    elif op_name in dense_us:
-                        row["time_vs_dense"] = med / dense_us[op_name]
-                    extra = f" x{row['time_vs_dense']:.2f} of dense" if "time_vs_dense" in row else ""
-                    frac = f" {100 * row['roofline_frac']:.0f}% of peak" if "roofline_frac" in row else ""
+                    frac = (f" {100 * row['roofline_frac']:.0f}% of peak"
+                            if "roofline_frac" in row else "")
                     log(f"T={T:5d} {op_name:7s} {prov:12s} {med:9.1f} us "
-                        f"[{p20:.1f}, {p80:.1f}] {row['gbps']:8.1f} GB/s{frac}{extra}")
+                        f"[{p20:.1f}, {p80:.1f}] {row['gbps']:8.1f} GB/s{frac}")
+                except ContextLost:
+                    raise
                 except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                    try:
+                        note_error(report, row, e, device)
+                    finally:
+                        add(row)
                     log(f"T={T:5d} {op_name:7s} {prov:12s} ERROR {row['error']}")
+                    continue
                 add(row)
-    if args.batched_budget_s > 0:
+    if args.batched_budget_s > 0 and time.time() < deadline:
         try:
-            run_batched(args, report, device, dtype, feats, rank, add)
+            run_batched(args, report, device, dtype, feats, rank, add, wanted, deadline)
+        except ContextLost:
+            raise
         except Exception as e:  # keep the single-adapter rows whatever happens here
             report["errors"].append(f"batched rows: {type(e).__name__}: {e}"[:500])
             log(f"batched rows: ERROR {type(e).__name__}: {e}")
-    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(args.out, report)
-    log(f"wrote {args.out} ({len(report['results'])} rows)")
-    failed = [r for r in report["results"]
-              if "error" in r and r["provider"] not in ("triton", "triton_batched")]
-    return 1 if failed else 0
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_check.json"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="run on the CPU at small sizes (no GPU needed): checks the code paths")
+    p.add_argument("--providers", default="cuda,dense,triton",
+                   help="comma-separated subset of cuda, dense, triton")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the rows already in --out (a later process of the same check)")
+    p.add_argument("--update", action="store_true",
+                   help="only fold stages/tests/variants into --out (imports no torch)")
+    p.add_argument("--summary", action="store_true",
+                   help="compute, store and print the one-line summary of --out")
+    p.add_argument("--tokens", default="1,16,256,4096")
+    p.add_argument("--features", type=int, default=4096, help="in_features = out_features")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="stop starting new single-adapter cases after this many seconds")
+    p.add_argument("--batched-budget-s", type=float, default=45.0,
+                   help="time budget of the batched rows (0 skips them)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="epoch seconds after which no new case starts")
+    p.add_argument("--stages", default=None, help="the shell's stage table (TSV)")
+    p.add_argument("--tests-log", action="append", default=None, metavar="NAME=PATH",
+                   help="a pytest log to summarise under tests[NAME] (repeatable)")
+    p.add_argument("--variants", default=None, help="a LORI_TRITON_VARIANTS file")
+    args = p.parse_args(argv)
+
+    report = load_json(args.out) if (args.merge or args.update or args.summary) else None
+    if not report or report.get("schema") != SCHEMA:
+        report = skeleton()
+    update_report(report, args)
+
+    def save():
+        _ratio_rows(report)
+        report["summary"] = summary_line(report)
+        write_json(args.out, report)
+
+    if args.update or args.summary:
+        save()
+        if args.summary:
+            print(report["summary"], flush=True)
+        return 0
+
+    wanted = {w.strip() for w in args.providers.split(",") if w.strip()}
+    deadline = args.deadline or float("inf")
+    rc = 0
+    proc = "+".join(sorted(wanted))
+
+    def add(row):
+        row["process"] = proc
+        report["results"].append(row)
+        save()  # keep what we have if a later case dies
+
+    try:
+        run_bench(args, report, add, wanted, deadline)
+    except ContextLost:
+        rc = 1
+    except BaseException as e:  # no CUDA torch, no _C, an early CUDA fault, Ctrl-C, ...
+        report["errors"].append(f"benchmark ({proc}) aborted: {type(e).__name__}: {e}"[:800])
+        report.setdefault("tracebacks", []).append(traceback.format_exc()[-4000:])
+        log(f"ERROR {type(e).__name__}: {e}")
+        rc = 1
+    finally:
+        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        save()
+        log(f"wrote {args.out} ({len(report['results'])} rows)")
+    failed = [r for r in report["results"] if "error" in r and r.get("process") == proc]
+    return 1 if rc or failed else 0
 
 
 if __name__ == "__main__":

@@ -23,3 +23,17 @@ def _restore_backend_and_validation():
     B.set_backend(None)
     if V.get_validation() != _VALIDATION0:
         V.set_validation(_VALIDATION0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-subset", action="store_true", default=False,
+                     help="run the GPU-sized subset of the Triton tests (tests/gpu_subset.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu-subset"):
+        from gpu_subset import select
+        kept, dropped = select(items)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept

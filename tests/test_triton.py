@@ -32,7 +32,7 @@ if not LT.available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lori_kernels.triton.philox import key_args, key_u32, philox4x32_10  # noqa: E402
+from lori_kernels.triton.common import key_args, key_u32, philox4x32_10  # noqa: E402
 from lori_kernels.triton.sparse_delta_fwd import Config, force_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -506,83 +506,7 @@ def test_cpu_without_interpreter_raises_clear_error():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import lori_kernels.triton.batched_delta as BD
-import lori_kernels.triton.merge_delta as M
-import lori_kernels.triton.random_a as R
-import lori_kernels.triton.sparse_delta_bwd as B
-import lori_kernels.triton.sparse_delta_fwd as F
-
-def comp(fn, sig, consts):
-    full = dict(sig, **{k: "constexpr" for k in consts})
-    names = fn.arg_names
-    src = ASTSource(fn, {n: full[n] for n in names},
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
-    assert "ptx" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm, fn
-
-i = "i32"
-for io, acc in (("bf16", "fp32"), ("fp32", "fp32")):
-    comp(R._random_a_fill_kernel, dict(out_ptr="*" + io, stride_r=i, stride_c=i, rank=i,
-         col_start=i, ncols=i, k0=i, k1=i, mag="fp32"),
-         dict(DIST=1, BLOCK_R=32, BLOCK_K=128, E=128))
-    comp(F.shrink_kernel, dict(x_ptr="*" + io, h_ptr="*" + acc, T=i, K=i, rank=i, stride_xt=i,
-         stride_xk=i, k0=i, k1=i, mag="fp32", n_ktiles=i, tiles_per_split=i),
-         dict(DIST=2, BLOCK_T=16, BLOCK_R=32, BLOCK_K=128))
-    comp(F.expand_kernel, dict(h_ptr="*" + acc, mask_ptr="*i32", values_ptr="*" + io,
-         offsets_ptr="*i32", y_ptr="*" + io, T=i, n_out=i, rank=i, nnz=i, scale="fp32",
-         n_split=i),
-         dict(WORDS=2, BLOCK_T=64, BLOCK_O=32, BLOCK_R=32))
-    comp(B.gy_b_kernel, dict(gy_ptr="*" + io, mask_ptr="*i32", values_ptr="*" + io,
-         offsets_ptr="*i32", gh_ptr="*" + acc, T=i, n_out=i, rank=i, nnz=i, stride_gt=i,
-         stride_go=i, n_otiles=i, tiles_per_split=i),
-         dict(WORDS=1, BLOCK_T=16, BLOCK_O=64, BLOCK_R=32))
-    comp(B.gh_a_kernel, dict(gh_ptr="*" + acc, gx_ptr="*" + io, T=i, K=i, rank=i, k0=i, k1=i,
-         mag="fp32", scale="fp32", n_split=i), dict(DIST=1, BLOCK_T=64, BLOCK_R=32, BLOCK_K=128))
-    comp(M.merge_kernel, dict(w_ptr="*" + io, mask_ptr="*i32", values_ptr="*" + io,
-         offsets_ptr="*i32", scale_ptr="*" + acc, n_out=i, K=i, rank=i, nnz=i, stride_wo=i,
-         stride_wk=i, k0=i, k1=i, mag="fp32"),
-         dict(DIST=2, WORDS=2, BLOCK_O=64, BLOCK_R=32, BLOCK_K=128))
-    comp(B.gv_kernel, dict(gy_ptr="*" + io, h_ptr="*" + acc, mask_ptr="*i32", offsets_ptr="*i32",
-         gv_ptr="*" + acc, T=i, n_out=i, rank=i, nnz=i, scale="fp32", stride_gt=i, stride_go=i,
-         n_ttiles=i, tiles_per_split=i, h_split=i),
-         dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64))
-    comp(BD.shrink_kernel, dict(x_ptr="*" + io, perm_ptr="*i32", work_ptr="*i32",
-         seeds_ptr="*i64", dists_ptr="*i32", h_ptr="*" + acc, T=i, K=i, rank=i, stride_xt=i,
-         stride_xk=i, mag_r="fp32", mag_u="fp32", n_ktiles=i, tiles_per_split=i),
-         dict(BLOCK_T=16, BLOCK_R=32, BLOCK_K=128))
-    comp(BD.expand_kernel, dict(h_ptr="*" + acc, perm_ptr="*i32", work_ptr="*i32",
-         masks_ptr="*i32", values_ptr="*" + io, vstarts_ptr="*i64", offsets_ptr="*i32",
-         scales_ptr="*fp32", base_ptr="*" + io, y_ptr="*" + io, T=i, n_out=i, rank=i,
-         n_values=i, n_split=i, stride_bt=i, stride_bo=i),
-         dict(HAS_BASE=True, WORDS=2, BLOCK_T=64, BLOCK_O=64, BLOCK_R=32))
-    comp(BD.gy_b_kernel, dict(gy_ptr="*" + io, perm_ptr="*i32", work_ptr="*i32",
-         masks_ptr="*i32", values_ptr="*" + io, vstarts_ptr="*i64", offsets_ptr="*i32",
-         gh_ptr="*" + acc, T=i, n_out=i, rank=i, n_values=i, stride_gt=i, stride_go=i,
-         n_otiles=i, tiles_per_split=i), dict(WORDS=1, BLOCK_T=16, BLOCK_O=64, BLOCK_R=32))
-    comp(BD.gh_a_kernel, dict(gh_ptr="*" + acc, perm_ptr="*i32", work_ptr="*i32",
-         seeds_ptr="*i64", dists_ptr="*i32", scales_ptr="*fp32", gx_ptr="*" + io, T=i, K=i,
-         rank=i, mag_r="fp32", mag_u="fp32", n_split=i),
-         dict(BLOCK_T=64, BLOCK_R=32, BLOCK_K=128))
-    comp(BD.gv_kernel, dict(gy_ptr="*" + io, h_ptr="*" + acc, perm_ptr="*i32", segs_ptr="*i32",
-         masks_ptr="*i32", vstarts_ptr="*i64", offsets_ptr="*i32", scales_ptr="*fp32",
-         gv_ptr="*" + acc, T=i, n_out=i, rank=i, n_values=i, stride_gt=i, stride_go=i,
-         h_split=i), dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64))
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile the kernels anyway")
-def test_kernels_compile_for_sm90_without_gpu():
-    # The interpreter accepts code the compiler rejects (non-constexpr globals, list
-    # comprehensions, ...): compile every kernel for sm_90 in a process without the interpreter.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+# The sm_90 compile of every kernel (no GPU needed) is tests/test_triton_compile.py.
 
 
 # ---- larger sweep ------------------------------------------------------------------------------

@@ -4,15 +4,24 @@ Importing this package never fails for want of Triton: `available()` says whethe
 kernels are registered and can run here. Kernels run on CUDA tensors, and on CPU tensors
 under the Triton interpreter (TRITON_INTERPRET=1 set before this package is first imported).
 
-Kernel layout (one file per concern):
-  philox.py            Philox4x32-10 rounds (tl.umulhi), SWAR popcount, RNE casts
+Kernel layout (one file per concern; the op registration imports only the entry points):
+  common.py            shared by every pass: Philox4x32-10 rounds (tl.umulhi), SWAR popcount,
+                       RNE casts, the sparse-B tile decode (bounded by each chunk's offsets),
+                       split reductions, masked tile loads, tile configs and splits, and the
+                       `jit` decorator (no JIT variants for seed words, counts, loop bounds)
   random_a.py          A tiles from the seed (docs/spec_a.md) + random_a's fill kernel
   sparse_delta_fwd.py  forward: shrink (x -> h = x A^T, A per tile) + expand (h -> y, sparse B)
   sparse_delta_bwd.py  backward: gy B -> gh; gh A -> grad_x; (gy^T h)[pattern] -> grad_values
   merge_delta.py       merge_delta_: weight += scale * B A per (64-row chunk, column tile)
-  batched_delta.py     many adapters per batch: tokens grouped by adapter on the device,
-                       shrink/expand (and backward) over (segment tile, ...) work tables
+  grouping.py          many adapters per batch: tokens grouped by adapter on the device
+                       (perm, segment and work tables), shared by both batched passes
+  batched_delta.py     batched shrink/expand (and backward) over the grouping's tables
+  variants.py          counts the JIT variants the kernels compile (LORI_TRITON_VARIANTS)
   ops.py               registration (CPU/CUDA kernels, fake kernels, autograd)
+Dependency order: common <- random_a <- sparse_delta_fwd <- sparse_delta_bwd; common, random_a
+<- merge_delta; common, random_a, grouping <- batched_delta; all of them <- ops.
+The kernels compile under Triton 3.6 (the GPU machine's) and the pinned Triton:
+`make gpu-precheck` compiles every kernel for sm_90 under both (tests/triton_compile_check.py).
 """
 from __future__ import annotations
 
@@ -26,6 +35,9 @@ else:
         from . import ops
     except Exception as _e:  # pragma: no cover - e.g. a Triton too old for these kernels
         import_error, ops = _e, None
+    else:
+        from . import variants as _variants
+        _variants.install_from_env()
 
 
 def available() -> bool:

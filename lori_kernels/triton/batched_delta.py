@@ -3,15 +3,9 @@
 Semantics (lori::batched_sparse_delta):
     y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,   a = adapter_ids[t]   (a == -1: base[t])
 
-Grouping (`group_tokens`, torch ops on the ids' device, no host sync): a stable sort of the ids
-gives `perm` (token of each sorted position; id -1 tokens first) and segments of equal ids.
-Tokens are never moved: kernels gather x / grad_y rows and scatter y / grad_x rows through
-perm. Two tables, both sized by bounds known on the host so that no count is read back:
-  segs (S, 3) int32  [adapter, first sorted position, length], S = min(T, N + 1);
-                     unused rows have adapter -2.
-  work (W, 3) int32  [adapter, first sorted position, rows] per BLOCK_T-token tile of a segment,
-                     W = cdiv(T, BLOCK_T) + S >= the real tile count; unused rows adapter -2.
-Every grid's first axis runs over one of these tables; programs on unused rows return at once.
+Tokens are grouped by adapter on the device (grouping.py: `perm`, the `segs` and `work`
+tables, no host sync); every grid's first axis runs over one of these tables and programs on
+unused rows return at once.
 
 Passes (each A or B tile is produced once per program and reused by all its tokens):
   forward  shrink  (work, rank tile, K split): h[p] = x[perm[p]] @ A_a^T, A tile per K tile
@@ -35,83 +29,24 @@ tile. A long run of one adapter gives cdiv(len, 64) work rows, so A is generated
 64 tokens, as in sparse_delta. Designed for, not measured: no GPU has run these kernels.
 
 Bounds: ids outside [-1, N) are mapped to -1 before grouping (the op checks them first, see
-ops.py); each adapter's value extent is clamped to the values buffer and every B read is
+the op registration); each adapter's value extent is clamped to the values buffer and every B read is
 bounded by it, so a corrupt pool never makes a kernel read or write out of bounds.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import spec
-from .philox import cast_rne, key_from_seed
+from .common import (acc_dtype_for, b_row_starts, b_tile, b_tile_slots, cast_rne, config, jit,
+                     key_from_seed, load_rows, load_split_sum, mm, plan_split, split_tiles,
+                     store_split_part)
+from .grouping import IDLE, NO_WORK, Groups, group_tokens, load_item  # noqa: F401
 from .random_a import a_tile_any
-from .sparse_delta_fwd import (acc_dtype_for, b_row_starts, b_tile, b_tile_index, config,
-                               load_rows, load_split_sum, mm, plan_split, split_tiles,
-                               store_split_part)
-
-NO_WORK = -2   # adapter entry of unused table rows
-IDLE = -1      # tokens without an adapter
-
-
-# ---- grouping (torch ops, on the ids' device, no host sync) -----------------------------------
-
-@dataclasses.dataclass
-class Groups:
-    perm: torch.Tensor   # (T,) int32: token index of each sorted position
-    segs: torch.Tensor   # (S, 3) int32: adapter, start, length
-    work: torch.Tensor   # (W, 3) int32: adapter, start, rows (<= block_t)
-
-
-def group_tokens(ids: torch.Tensor, n_adapters: int, block_t: int) -> Groups:
-    """Stable grouping of tokens by adapter id, as tables sized by host-known bounds."""
-    T = ids.numel()
-    dev = ids.device
-    ids = ids.reshape(-1).to(torch.int32)
-    # Never index past the pool, even if the op's id check was skipped.
-    ids = torch.where((ids >= IDLE) & (ids < n_adapters), ids, IDLE)
-    sorted_ids, perm = torch.sort(ids, stable=True)
-    S = min(T, n_adapters + 1)
-    head = torch.ones(T, dtype=torch.bool, device=dev)
-    head[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    seg_of = torch.cumsum(head, 0) - 1
-    pos = torch.arange(T, dtype=torch.int64, device=dev)
-    # starts[s] = first sorted position of segment s (T for unused s); non-heads go to the
-    # spare slot S. amin keeps it deterministic with the duplicate indices there.
-    starts = torch.full((S + 1,), T, dtype=torch.int64, device=dev)
-    starts.scatter_reduce_(0, torch.where(head, seg_of, S), pos, reduce="amin")
-    starts[S] = T
-    lens = starts[1:] - starts[:-1]
-    seg_ad = torch.where(lens > 0, sorted_ids[starts[:-1].clamp(max=T - 1)].long(), NO_WORK)
-    segs = torch.stack([seg_ad, starts[:-1], lens], 1).to(torch.int32)
-    tiles = (lens + block_t - 1) // block_t
-    cum = torch.cumsum(tiles, 0)
-    W = triton.cdiv(T, block_t) + S
-    w = torch.arange(W, dtype=torch.int64, device=dev)
-    s = torch.searchsorted(cum, w, right=True)
-    sc = s.clamp(max=S - 1)
-    p0 = starts[sc] + (w - (cum[sc] - tiles[sc])) * block_t
-    rows = torch.minimum(starts[sc] + lens[sc] - p0, torch.full_like(p0, block_t))
-    work_ad = torch.where(s < S, seg_ad[sc], NO_WORK)
-    work = torch.stack([work_ad, p0, rows], 1).to(torch.int32)
-    return Groups(perm.to(torch.int32), segs, work)
 
 
 # ---- per-program helpers -----------------------------------------------------------------------
-
-@triton.jit
-def load_item(table_ptr, i, BLOCK_T: tl.constexpr):
-    """(adapter, sorted positions, in-range flags, token ids) of table row i."""
-    a = tl.load(table_ptr + i * 3)
-    p0 = tl.load(table_ptr + i * 3 + 1)
-    n = tl.load(table_ptr + i * 3 + 2)
-    offs_p = p0 + tl.arange(0, BLOCK_T)
-    t_ok = tl.arange(0, BLOCK_T) < n
-    return a, offs_p, t_ok
-
 
 @triton.jit
 def adapter_b(a, masks_ptr, offsets_ptr, vstarts_ptr, n_out, n_values, WORDS: tl.constexpr):
@@ -127,7 +62,7 @@ def adapter_b(a, masks_ptr, offsets_ptr, vstarts_ptr, n_out, n_values, WORDS: tl
 
 # ---- forward kernels ----------------------------------------------------------------------------
 
-@triton.jit
+@jit
 def shrink_kernel(x_ptr, perm_ptr, work_ptr, seeds_ptr, dists_ptr, h_ptr, T, K, rank,
                   stride_xt, stride_xk, mag_r, mag_u, n_ktiles, tiles_per_split,
                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -156,7 +91,7 @@ def shrink_kernel(x_ptr, perm_ptr, work_ptr, seeds_ptr, dists_ptr, h_ptr, T, K, 
     store_split_part(h_ptr, pid_s, T, offs_p, rows, rank, acc, t_ok)
 
 
-@triton.jit
+@jit
 def expand_kernel(h_ptr, perm_ptr, work_ptr, masks_ptr, values_ptr, vstarts_ptr, offsets_ptr,
                   scales_ptr, base_ptr, y_ptr, T, n_out, rank, n_values, n_split, stride_bt,
                   stride_bo, HAS_BASE: tl.constexpr, WORDS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -178,8 +113,8 @@ def expand_kernel(h_ptr, perm_ptr, work_ptr, masks_ptr, values_ptr, vstarts_ptr,
         row_start = b_row_starts(mask_a, off_a, o0, offs_o, n_out, WORDS, BLOCK_O)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            bv = b_tile(mask_a, values_ptr + vstart, row_start, offs_o, offs_r, n_out, rank, nnz,
-                        WORDS, BLOCK_O, BLOCK_R)
+            bv = b_tile(mask_a, values_ptr + vstart, off_a, row_start, o0, offs_o, offs_r, n_out,
+                        rank, nnz, WORDS, BLOCK_O, BLOCK_R)
             ht = load_split_sum(h_ptr, n_split, T * rank, offs_p, offs_r, rank,
                                 t_ok[:, None] & (offs_r < rank)[None, :])
             acc += mm(cast_rne(ht, DOT), tl.trans(bv), ACC)
@@ -194,7 +129,7 @@ def expand_kernel(h_ptr, perm_ptr, work_ptr, masks_ptr, values_ptr, vstarts_ptr,
 
 # ---- backward kernels ---------------------------------------------------------------------------
 
-@triton.jit
+@jit
 def gy_b_kernel(gy_ptr, perm_ptr, work_ptr, masks_ptr, values_ptr, vstarts_ptr, offsets_ptr,
                 gh_ptr, T, n_out, rank, n_values, stride_gt, stride_go, n_otiles,
                 tiles_per_split, WORDS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -217,14 +152,14 @@ def gy_b_kernel(gy_ptr, perm_ptr, work_ptr, masks_ptr, values_ptr, vstarts_ptr, 
         o0 = ot * BLOCK_O
         offs_o = o0 + tl.arange(0, BLOCK_O)
         row_start = b_row_starts(mask_a, off_a, o0, offs_o, n_out, WORDS, BLOCK_O)
-        bv = b_tile(mask_a, values_ptr + vstart, row_start, offs_o, offs_r, n_out, rank, nnz,
-                    WORDS, BLOCK_O, BLOCK_R)
+        bv = b_tile(mask_a, values_ptr + vstart, off_a, row_start, o0, offs_o, offs_r, n_out, rank,
+                    nnz, WORDS, BLOCK_O, BLOCK_R)
         g = load_rows(gy_rows, offs_o, stride_go, n_out, t_ok)
         acc += mm(g, bv, ACC)
     store_split_part(gh_ptr, pid_s, T, offs_p, offs_r, rank, acc, t_ok)
 
 
-@triton.jit
+@jit
 def gh_a_kernel(gh_ptr, perm_ptr, work_ptr, seeds_ptr, dists_ptr, scales_ptr, gx_ptr, T, K,
                 rank, mag_r, mag_u, n_split, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_K: tl.constexpr):
@@ -253,7 +188,7 @@ def gh_a_kernel(gh_ptr, perm_ptr, work_ptr, seeds_ptr, dists_ptr, scales_ptr, gx
              mask=t_ok[:, None] & (offs_k < K)[None, :])
 
 
-@triton.jit
+@jit
 def gv_kernel(gy_ptr, h_ptr, perm_ptr, segs_ptr, masks_ptr, vstarts_ptr, offsets_ptr,
               scales_ptr, gv_ptr, T, n_out, rank, n_values, stride_gt, stride_go, h_split,
               WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -286,9 +221,8 @@ def gv_kernel(gy_ptr, h_ptr, perm_ptr, segs_ptr, masks_ptr, vstarts_ptr, offsets
     mask_a, off_a, vstart, nnz = adapter_b(a, masks_ptr, offsets_ptr, vstarts_ptr, n_out,
                                            n_values, WORDS)
     row_start = b_row_starts(mask_a, off_a, o0, offs_o, n_out, WORDS, BLOCK_O)
-    idx, present = b_tile_index(mask_a, row_start, offs_o, offs_r, n_out, rank, WORDS, BLOCK_O,
-                                BLOCK_R)
-    ok = present & (idx >= 0) & (idx < nnz)
+    idx, ok = b_tile_slots(mask_a, off_a, row_start, o0, offs_o, offs_r, n_out, rank, nnz, WORDS,
+                           BLOCK_O, BLOCK_R)
     scale = tl.load(scales_ptr + a).to(ACC)
     tl.atomic_add(gv_ptr + vstart + idx, acc * scale, mask=ok)
 

@@ -18,12 +18,11 @@ import triton
 import triton.language as tl
 
 from .. import spec
-from .philox import cast_rne, key_args, key_u32
+from .common import acc_dtype_for, b_row_starts, b_tile, cast_rne, jit, key_args, key_u32, mm
 from .random_a import a_tile
-from .sparse_delta_fwd import acc_dtype_for, b_row_starts, b_tile, mm
 
 
-@triton.jit
+@jit
 def merge_kernel(w_ptr, mask_ptr, values_ptr, offsets_ptr, scale_ptr, n_out, K, rank, nnz,
                  stride_wo, stride_wk, k0, k1, mag, DIST: tl.constexpr, WORDS: tl.constexpr,
                  BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -44,8 +43,8 @@ def merge_kernel(w_ptr, mask_ptr, values_ptr, offsets_ptr, scale_ptr, n_out, K, 
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         # B is zero past rank, so A's rows past rank (finite values) add nothing.
-        bv = b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz, WORDS,
-                    BLOCK_O, BLOCK_R)
+        bv = b_tile(mask_ptr, values_ptr, offsets_ptr, row_start, o0, offs_o, offs_r, n_out, rank,
+                    nnz, WORDS, BLOCK_O, BLOCK_R)
         a = a_tile(key0, key1, offs_r, col0, mag, DIST, BLOCK_R, BLOCK_K)
         acc += mm(bv.to(ACC), a.to(ACC), ACC)
     ok = (offs_o < n_out)[:, None] & (offs_k < K)[None, :]

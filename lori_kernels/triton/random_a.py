@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import spec
-from .philox import cast_rne, key_args, key_u32, philox4x32_10
+from .common import cast_rne, jit, key_args, key_u32, philox4x32_10
 
 RADEMACHER = spec.DISTRIBUTIONS["rademacher"]
 UNIFORM = spec.DISTRIBUTIONS["uniform"]
@@ -57,7 +57,7 @@ def a_tile(k0, k1, rows, col0, mag, DIST: tl.constexpr, BLOCK_R: tl.constexpr,
         return tl.reshape(a, (BLOCK_R, BLOCK_K))
 
 
-@triton.jit
+@jit
 def _random_a_fill_kernel(out_ptr, stride_r, stride_c, rank, col_start, ncols, k0, k1, mag,
                           DIST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                           E: tl.constexpr):

@@ -19,14 +19,14 @@ import triton
 import triton.language as tl
 
 from .. import spec
-from .philox import cast_rne, key_args, key_u32
+from .common import (acc_dtype_for, b_row_starts, b_tile, b_tile_slots, cast_rne, config, jit,
+                     key_args, key_u32, load_rows, load_split_sum, mm, plan_split, split_tiles,
+                     store_split_part)
 from .random_a import a_tile
-from .sparse_delta_fwd import (acc_dtype_for, b_row_starts, b_tile, b_tile_index, config,
-                               load_rows, load_split_sum, mm, plan_split, shrink,
-                               split_tiles, store_split_part)
+from .sparse_delta_fwd import shrink
 
 
-@triton.jit
+@jit
 def gy_b_kernel(gy_ptr, mask_ptr, values_ptr, offsets_ptr, gh_ptr, T, n_out, rank, nnz,
                 stride_gt, stride_go, n_otiles, tiles_per_split, WORDS: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -46,14 +46,14 @@ def gy_b_kernel(gy_ptr, mask_ptr, values_ptr, offsets_ptr, gh_ptr, T, n_out, ran
         o0 = ot * BLOCK_O
         offs_o = o0 + tl.arange(0, BLOCK_O)
         row_start = b_row_starts(mask_ptr, offsets_ptr, o0, offs_o, n_out, WORDS, BLOCK_O)
-        bv = b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz, WORDS,
-                    BLOCK_O, BLOCK_R)
+        bv = b_tile(mask_ptr, values_ptr, offsets_ptr, row_start, o0, offs_o, offs_r, n_out, rank,
+                    nnz, WORDS, BLOCK_O, BLOCK_R)
         g = load_rows(gy_rows, offs_o, stride_go, n_out, t_ok)
         acc += mm(g, bv, ACC)
     store_split_part(gh_ptr, pid_s, T, offs_t, offs_r, rank, acc, t_ok)
 
 
-@triton.jit
+@jit
 def gh_a_kernel(gh_ptr, gx_ptr, T, K, rank, k0, k1, mag, scale, n_split, DIST: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_x[t, j] = scale * sum_k gh[t, k] A[k, j] for one (token block, column tile);
@@ -81,7 +81,7 @@ def gh_a_kernel(gh_ptr, gx_ptr, T, K, rank, k0, k1, mag, scale, n_split, DIST: t
              mask=t_ok[:, None] & (offs_k < K)[None, :])
 
 
-@triton.jit
+@jit
 def gv_kernel(gy_ptr, h_ptr, mask_ptr, offsets_ptr, gv_ptr, T, n_out, rank, nnz, scale,
               stride_gt, stride_go, n_ttiles, tiles_per_split, h_split, WORDS: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -110,9 +110,8 @@ def gv_kernel(gy_ptr, h_ptr, mask_ptr, offsets_ptr, gv_ptr, T, n_out, rank, nnz,
                            t_ok[:, None] & r_ok[None, :])
         acc += mm(g, cast_rne(h, DOT), ACC)
     row_start = b_row_starts(mask_ptr, offsets_ptr, o0, offs_o, n_out, WORDS, BLOCK_O)
-    idx, present = b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS,
-                                BLOCK_O, BLOCK_R)
-    ok = present & (idx >= 0) & (idx < nnz)
+    idx, ok = b_tile_slots(mask_ptr, offsets_ptr, row_start, o0, offs_o, offs_r, n_out, rank, nnz,
+                           WORDS, BLOCK_O, BLOCK_R)
     tl.store(gv_ptr + pid_s.to(tl.int64) * nnz + idx, acc * scale, mask=ok)
 
 
@@ -159,9 +158,10 @@ def sparse_delta_bwd(grad_y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     elif need_values:
         h, h_split = shrink(x.reshape(T, K), rank, seed, distribution, K, acc, interpret)
         split, per = plan_split(cfg, n_o * n_r, n_t, x.device, interpret)
-        # Every pattern entry lies in exactly one (out, rank) tile: each split writes all of its
-        # row of gv_parts, so no zero fill is needed.
-        gv_parts = torch.empty((split, values.numel()), dtype=acc, device=x.device)
+        # With offsets that agree with the mask every entry lies in exactly one (out, rank) tile
+        # and is written by each split; corrupt offsets (unvalidated CUDA calls) leave entries
+        # unwritten, which must read as 0, not as whatever the allocator held.
+        gv_parts = torch.zeros((split, values.numel()), dtype=acc, device=x.device)
         gv_kernel[(n_o, n_r, split)](
             gy2, h, mask, offsets, gv_parts, T, O, rank, values.numel(), k_scale, gy2.stride(0),
             gy2.stride(1), n_t, per, h_split, WORDS=words, BLOCK_T=cfg.block_t,

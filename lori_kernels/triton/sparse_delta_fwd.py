@@ -12,140 +12,32 @@ Prefill: 64 tokens per A tile, so A is generated ceil(T / 64) times in all, smal
 GEMM. Each split writes its own partial h and the expand pass sums the partials in a fixed
 order: no atomics, results are bitwise reproducible run to run.
 
-B tile decode (`b_row_starts` + `b_tile_index`): a program's output rows lie inside one
-64-row chunk c; row o's first value is offsets[c] + popcounts of the chunk's rows before o,
-and entry (o, k) sits at that start + popcount of the row's mask bits below k. Dense
-(BLOCK_O x BLOCK_R) tiles of B are then gathered from `values` (zeros off the mask) and fed to
-tl.dot. Popcounts use SWAR bit tricks (no libdevice), so all of it runs in the interpreter.
+B tiles are decoded per (BLOCK_O x BLOCK_R) tile from (mask, values, offsets) by
+common.b_tile and fed to tl.dot; shared device helpers and the launch configuration live in
+common.py.
 
 Precision: fp32 inputs use IEEE fp32 dots (no TF32); bf16/fp16 inputs feed the tensor cores
 with A, h and gh rounded (to nearest even) to the input dtype, accumulating in fp32.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import spec
-from .philox import cast_rne, key_args, key_u32, popcount32
+from .common import (INTERPRET, Config, acc_dtype_for, b_row_starts, b_tile, cast_rne,  # noqa: F401
+                     config, force_config, jit, key_args, key_u32, load_rows, load_split_sum,
+                     mm, plan_split, split_tiles, store_split_part)
 from .random_a import a_tile
 
-
-# The interpreter multiplies bfloat16 operands of tl.dot as their uint16 bit patterns; there
-# (only) bf16 operands are widened to fp32 first, which is exact.
-INTERPRET: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
-
-
-@triton.jit
-def mm(a, b, ACC: tl.constexpr):
-    """a @ b accumulated in ACC (fp32, or fp64 for fp64 operands); fp32 operands use IEEE fp32
-    (no TF32), bf16/fp16 operands the tensor cores."""
-    if INTERPRET and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
-    else:
-        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
-
-
-# ---- B decode -------------------------------------------------------------------------------
-
-@triton.jit
-def b_row_starts(mask_ptr, offsets_ptr, o0, offs_o, n_out, WORDS: tl.constexpr,
-                 BLOCK_O: tl.constexpr):
-    """Index in `values` of the first entry of each row offs_o = o0 + arange(BLOCK_O).
-
-    Requires the rows to lie in chunk o0 // 64 (BLOCK_O divides 64, o0 a multiple of it)."""
-    chunk = o0 // 64
-    start = tl.load(offsets_ptr + chunk)
-    if BLOCK_O < 64:  # entries of the chunk's rows before o0
-        pre = chunk * 64 + tl.arange(0, 64)
-        for w in tl.static_range(WORDS):
-            m = tl.load(mask_ptr + pre * WORDS + w, mask=pre < o0, other=0)
-            start += tl.sum(popcount32(m.to(tl.uint32, bitcast=True)), axis=0)
-    rowcnt = tl.zeros((BLOCK_O,), tl.int32)
-    for w in tl.static_range(WORDS):
-        m = tl.load(mask_ptr + offs_o * WORDS + w, mask=offs_o < n_out, other=0)
-        rowcnt += popcount32(m.to(tl.uint32, bitcast=True))
-    return start + tl.cumsum(rowcnt, axis=0) - rowcnt
-
-
-@triton.jit
-def b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS: tl.constexpr,
-                 BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(idx, present) for the B tile rows offs_o x columns offs_r: present[i, j] iff (o, k) is
-    on the mask; idx[i, j] is then its position in `values`."""
-    row_ok = offs_o < n_out
-    widx = offs_r >> 5
-    wpre = tl.zeros((BLOCK_O, BLOCK_R), tl.int32)  # entries in earlier words
-    if WORDS > 1:
-        for w in tl.static_range(WORDS - 1):
-            m = tl.load(mask_ptr + offs_o * WORDS + w, mask=row_ok, other=0)
-            pc = popcount32(m.to(tl.uint32, bitcast=True))
-            wpre += tl.where(widx[None, :] > w, pc[:, None], 0)
-    ok = row_ok[:, None] & (offs_r < rank)[None, :]
-    word = tl.load(mask_ptr + offs_o[:, None] * WORDS + widx[None, :], mask=ok, other=0)
-    word = word.to(tl.uint32, bitcast=True)
-    bit = (offs_r & 31).to(tl.uint32)[None, :]
-    present = ((word >> bit) & 1) != 0
-    below = word & ((tl.full((), 1, tl.uint32) << bit) - 1)
-    return row_start[:, None] + wpre + popcount32(below), present
-
-
-@triton.jit
-def b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz,
-           WORDS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Dense B[offs_o, offs_r] in values' dtype (zeros off the mask). Reads stay inside
-    values[0:nnz] even for offsets that disagree with the mask (validated on the host)."""
-    idx, present = b_tile_index(mask_ptr, row_start, offs_o, offs_r, n_out, rank, WORDS,
-                                BLOCK_O, BLOCK_R)
-    return tl.load(values_ptr + idx, mask=present & (idx >= 0) & (idx < nnz), other=0)
-
-
-# ---- split reductions and masked tile loads ------------------------------------------------
-
-@triton.jit
-def load_split_sum(ptr, n_split, split_stride, offs_t, offs_c, n_cols, mask):
-    """sum_s ptr[s * split_stride + t * n_cols + c] over the n_split partial results of a split
-    reduction, added in split order (deterministic)."""
-    ptrs = ptr + offs_t.to(tl.int64)[:, None] * n_cols + offs_c[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0)
-    for _ in range(1, n_split):
-        ptrs += split_stride
-        acc += tl.load(ptrs, mask=mask, other=0)
-    return acc
-
-
-@triton.jit
-def store_split_part(ptr, split, n_rows, offs_t, offs_c, n_cols, acc, t_ok):
-    """ptr[split, t, c] = acc for rows offs_t (where t_ok) and columns offs_c < n_cols of a
-    (n_split, n_rows, n_cols) buffer of partial results, the ones load_split_sum adds up."""
-    ptrs = ptr + split.to(tl.int64) * n_rows * n_cols + offs_t.to(tl.int64)[:, None] * n_cols \
-        + offs_c[None, :]
-    tl.store(ptrs, acc, mask=t_ok[:, None] & (offs_c < n_cols)[None, :])
-
-
-@triton.jit
-def split_tiles(pid_s, tiles_per_split, n_tiles):
-    """[first, end) tiles of split pid_s of a reduction over n_tiles tiles (see plan_split)."""
-    t0 = pid_s * tiles_per_split
-    return t0, tl.minimum(t0 + tiles_per_split, n_tiles)
-
-
-@triton.jit
-def load_rows(row_ptrs, offs_c, stride_c, n_cols, row_ok):
-    """Tile row_ptrs[i] + offs_c[j] * stride_c (row_ptrs a column of row pointers), 0 outside
-    the rows row_ok and columns [0, n_cols)."""
-    return tl.load(row_ptrs + offs_c.to(tl.int64)[None, :] * stride_c,
-                   mask=row_ok[:, None] & (offs_c < n_cols)[None, :], other=0)
+# INTERPRET (whether the kernels were decorated for the interpreter), Config and force_config
+# are imported from here by the op registration and the tests.
 
 
 # ---- kernels --------------------------------------------------------------------------------
 
-@triton.jit
+@jit
 def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n_ktiles,
                   tiles_per_split, DIST: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -172,7 +64,7 @@ def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n
     store_split_part(h_ptr, pid_s, T, offs_t, rows, rank, acc, t_ok)
 
 
-@triton.jit
+@jit
 def expand_kernel(h_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, T, n_out, rank, nnz, scale,
                   n_split, WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
                   BLOCK_R: tl.constexpr):
@@ -190,8 +82,8 @@ def expand_kernel(h_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, T, n_out, ran
     acc = tl.zeros((BLOCK_T, BLOCK_O), ACC)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        bv = b_tile(mask_ptr, values_ptr, row_start, offs_o, offs_r, n_out, rank, nnz, WORDS,
-                    BLOCK_O, BLOCK_R)
+        bv = b_tile(mask_ptr, values_ptr, offsets_ptr, row_start, o0, offs_o, offs_r, n_out, rank,
+                    nnz, WORDS, BLOCK_O, BLOCK_R)
         ht = load_split_sum(h_ptr, n_split, T * rank, offs_t, offs_r, rank,
                             t_ok[:, None] & (offs_r < rank)[None, :])
         acc += mm(cast_rne(ht, DOT), tl.trans(bv), ACC)
@@ -201,80 +93,7 @@ def expand_kernel(h_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, T, n_out, ran
              mask=t_ok[:, None] & (offs_o < n_out)[None, :])
 
 
-# ---- launch configuration ---------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile sizes and splits; None = chosen from the shape (see `config`)."""
-    block_t: int | None = None
-    block_k: int | None = None   # multiple of 128 (both distributions' E divide it)
-    block_r: int | None = None   # power of two in [16, 64]
-    block_o: int | None = None   # 16, 32 or 64 (divides the 64-row chunk)
-    split: int | None = None     # split of the reduced axis (K, out or T) across programs
-
-
-_forced: Config | None = None
-
-
-@contextlib.contextmanager
-def force_config(cfg: Config):
-    """Use these tile sizes/splits for every launch inside the block (tests, tuning)."""
-    global _forced
-    old, _forced = _forced, cfg
-    try:
-        yield
-    finally:
-        _forced = old
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def config(T: int, rank: int, device: torch.device, interpret: bool) -> Config:
-    """Shape-based defaults. Decode (T <= 16): 16-token blocks. Prefill: 64-token blocks, so
-    each A tile feeds 64 tokens. Under the interpreter, few large programs run fastest."""
-    f = _forced or Config()
-    if interpret:
-        bt = min(64, max(16, triton.next_power_of_2(max(T, 1))))
-    else:
-        bt = 16 if T <= 16 else (32 if T <= 32 else 64)
-    bt = f.block_t or bt
-    bk = f.block_k or (256 if interpret else 128)
-    br = f.block_r or min(64, max(16, triton.next_power_of_2(rank)))
-    bo = f.block_o or 64
-    if bk % 128 or bo not in (16, 32, 64) or br not in (16, 32, 64, 128) or bt < 16 \
-            or bt & (bt - 1):
-        raise ValueError(f"bad Triton tile config {f}: block_k a multiple of 128, block_o in "
-                         "(16, 32, 64), block_r in (16, 32, 64, 128), block_t a power of 2 >= 16")
-    return Config(bt, bk, br, bo, f.split)
-
-
-def pick_split(cfg: Config, programs: int, n_tiles: int, device: torch.device,
-               interpret: bool) -> int:
-    """Split a reduction of n_tiles tiles so that about 2 programs per SM run."""
-    if cfg.split is not None:
-        return max(1, min(cfg.split, n_tiles))
-    if interpret or n_tiles <= 1:
-        return 1
-    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
-    return max(1, min(want, n_tiles))
-
-
-def plan_split(cfg: Config, programs: int, n_tiles: int, device: torch.device,
-               interpret: bool) -> tuple[int, int]:
-    """(split, tiles_per_split) of a reduction of n_tiles tiles: pick_split's split, then
-    trimmed so that no split is left without tiles."""
-    per = triton.cdiv(n_tiles, pick_split(cfg, programs, n_tiles, device, interpret))
-    return triton.cdiv(n_tiles, per), per
-
+# ---- launches -------------------------------------------------------------------------------
 
 def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_features: int,
            acc_dtype: torch.dtype, interpret: bool) -> tuple[torch.Tensor, int]:
@@ -293,10 +112,6 @@ def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_feature
         DIST=spec.DISTRIBUTIONS[distribution], BLOCK_T=cfg.block_t, BLOCK_R=cfg.block_r,
         BLOCK_K=cfg.block_k)
     return h, split
-
-
-def acc_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sparse_delta_fwd(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
