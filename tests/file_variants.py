@@ -229,7 +229,7 @@ def invalid_edits(path, work, meta: dict, tensors: dict):
         lori = json.dumps(m, separators=(",", ":"))
         _resave(work, {**md0, "lori": lori}, t)
         yield f"{label} [old digests]", work
-        digests = {"algorithm": "sha256", "metadata": {"lori": F._text_digest(lori)},
+        digests = {"algorithm": F.DIGEST, "metadata": {"lori": F._text_digest(lori)},
                    "tensors": {k: F.tensor_digest(v) for k, v in t.items()}}
         _resave(work, {**md0, "lori": lori, "digests": json.dumps(digests)}, t)
         yield f"{label} [re-digested]", work

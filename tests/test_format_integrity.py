@@ -32,7 +32,7 @@ def test_roundtrip_and_digests(saved):
     md, raw = _raw(path)
     assert md["format_version"] == "2" == str(F.FORMAT_VERSION)
     d = json.loads(md["digests"])
-    assert d["algorithm"] == "sha256" and set(d["tensors"]) == set(tensors)
+    assert d["algorithm"] == F.DIGEST and set(d["tensors"]) == set(tensors)
     assert all(d["tensors"][k] == F.tensor_digest(t) for k, t in tensors.items())
     got_meta, got = F.read_adapter(path)
     assert got_meta == meta
@@ -125,7 +125,7 @@ def test_field_types_named(saved, tmp_path):
         p = tmp_path / "e.safetensors"
         md, raw = _raw(path)
         lori = json.dumps(m)
-        digests = {"algorithm": "sha256", "metadata": {"lori": F._text_digest(lori)},
+        digests = {"algorithm": F.DIGEST, "metadata": {"lori": F._text_digest(lori)},
                    "tensors": {k: F.tensor_digest(v) for k, v in raw.items()}}
         save_file(raw, str(p), metadata={**md, "lori": lori, "digests": json.dumps(digests)})
         with pytest.raises(F.AdapterFileError, match=msg):

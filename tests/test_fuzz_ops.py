@@ -67,8 +67,6 @@ def _always_pending(op, mut):
     """(op, mutation) pairs that fail on every example today, with the reason."""
     if mut == "scale" and op in C.SINGLE_OPS:
         return "C++ scale check pending"
-    if mut == "pool_scale":
-        return "AdapterPool.add does not check scale (pool.py)"
     if mut == "scales_inf":
         return "C++ batched scales check pending"
     return None

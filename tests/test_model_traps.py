@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lori_kernels.workflow import inject, load_adapter, lori_layers, save_adapter
+from lori_kernels.workflow import format as F
 from lori_kernels.workflow.format import write_adapter_file
 from lori_kernels.workflow.inject import wrap_linear
 
@@ -38,8 +39,22 @@ def crafted(tmp_path, edit, name="bad.safetensors"):
         meta = json.loads(f.metadata()["lori"])
     tensors = load_file(str(src))
     edit(meta)
-    write_adapter_file(tmp_path / name, meta, tensors)
+    _write_unchecked(tmp_path / name, meta, tensors)
     return tmp_path / name
+
+
+def _write_unchecked(path, meta, tensors):
+    """write_adapter_file without its own refusal of NaN/inf in the metadata: a file another
+    writer could have made, with valid digests, so the loader's field checks are what is
+    tested."""
+    from safetensors.torch import save_file
+
+    lori = json.dumps(meta, separators=(",", ":"))  # allow_nan: NaN/Infinity tokens
+    digests = {"algorithm": F.DIGEST, "metadata": {"lori": F._text_digest(lori)},
+               "tensors": {k: F.tensor_digest(t) for k, t in sorted(tensors.items())}}
+    save_file(tensors, str(path), metadata={
+        "format": F.FORMAT, "format_version": str(F.FORMAT_VERSION), "lori": lori,
+        "digests": json.dumps(digests, separators=(",", ":"))})
 
 
 def last_layer(meta):
