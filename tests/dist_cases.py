@@ -131,4 +131,54 @@ def verify_cases(rank, world):
     return out
 
 
-CASES = {"ddp_phases": ddp_phases, "verify_cases": verify_cases}
+def llama_with_adapter():
+    from hf_models import LLAMA_TARGETS, tiny_llama
+
+    model = tiny_llama(0)
+    L.inject(model, LLAMA_TARGETS, rank=4, alpha=8.0, seed=3)
+    g = torch.Generator().manual_seed(11)
+    for l in lori_layers(model).values():
+        l.adapters["default"].values.data.normal_(generator=g).mul_(0.1)
+    return model
+
+
+def llama_batch():
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 64, (2, 12), generator=g)
+
+
+def llama_train(model, steps, lr=0.5):
+    ids = llama_batch()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def tp_llama(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model = llama_with_adapter()
+    mesh = init_device_mesh("cpu", (world,))
+    col, row = D.LoRIColwiseParallel(), D.LoRIRowwiseParallel()
+    plan = {f"model.layers.*.{p}": col for p in ("self_attn.q_proj", "self_attn.k_proj",
+                                                 "self_attn.v_proj", "mlp.gate_proj",
+                                                 "mlp.up_proj")}
+    plan.update({"model.layers.*.self_attn.o_proj": row, "model.layers.*.mlp.down_proj": row})
+    parallelize_module(model, mesh, plan)
+    with torch.no_grad():
+        logits = model(input_ids=llama_batch()).logits
+    losses = llama_train(model, 2)
+    # every rank's B rows (colwise: its shard; rowwise: the whole B)
+    shards = {n: (l._lori_tp[0], l.adapters["default"].dense_b()) for n, l in
+              lori_layers(model).items()}
+    return {"logits": logits, "losses": losses, "shards": shards}
+
+
+CASES = {"ddp_phases": ddp_phases, "verify_cases": verify_cases, "tp_llama": tp_llama}

@@ -113,3 +113,42 @@ def test_inject_under_wrappers_gives_the_plain_seeds_and_files(tmp_path):
     again = torch.compile(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)))
     L.load_adapter(again, tmp_path / "a")
     assert list(lori_layers(again)) == ["_orig_mod.0", "_orig_mod.2"]
+
+
+@pytest.mark.slow  # ~70 s on 2 busy cores: two processes import transformers
+def test_tensor_parallel_llama_matches_one_process(tmp_path):
+    pytest.importorskip("transformers")
+    res = spawn("tp_llama", tmp_path)
+    model = dist_cases.llama_with_adapter()
+    with torch.no_grad():
+        logits = model(input_ids=dist_cases.llama_batch()).logits
+    losses = dist_cases.llama_train(model, 2)
+    for r in res:
+        torch.testing.assert_close(r["logits"], logits, rtol=1e-4, atol=1e-5)
+        assert r["losses"] == pytest.approx(losses, rel=1e-5)
+    for n, layer in lori_layers(model).items():
+        ref = layer.adapters["default"].dense_b()
+        kinds = {r["shards"][n][0] for r in res}
+        if kinds == {"colwise"}:
+            got = torch.cat([r["shards"][n][1] for r in res])
+        else:
+            assert kinds == {"rowwise"}
+            got = res[0]["shards"][n][1]
+            assert torch.equal(got, res[1]["shards"][n][1])  # B replicated, same on each rank
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_a_column_windows_sum_to_the_full_delta():
+    """What the row-parallel route rests on: A's column windows (full-width scale) are A's
+    columns bit for bit, and their partial h add up to the delta sparse_delta computes."""
+    torch.manual_seed(0)
+    layer = L.LoRILinear.from_linear(nn.Linear(40, 24), rank=8, alpha=16.0, seed=9)
+    ad = layer.adapters["default"]
+    ad.values.data.normal_()
+    x = torch.randn(5, 40)
+    full = L.nn.linear.lori_delta(x, ad, ad, ad.scale)
+    a = L.random_a(ad.seed, 8, 40)
+    parts = [L.random_a(ad.seed, 8, 40, columns=(c, c + 20)) for c in (0, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), a, rtol=0, atol=0)
+    h = sum(x[:, c:c + 20] @ p.T for c, p in zip((0, 20), parts))
+    torch.testing.assert_close(h @ ad.dense_b().T * ad.scale, full, rtol=1e-5, atol=1e-5)
