@@ -80,7 +80,7 @@ def lori_ddp(model: nn.Module, *, group=None, broadcast_buffers: bool = False,
              check: bool = True, **kwargs) -> DDP:
     """DDP(model) after verify(model, group). broadcast_buffers defaults to False: LoRI's only
     buffers are the masks and offsets, constant during training (verify checks that they
-    agree), and DDP would re-broadcast them at every forward (~5.9 MB per forward at
+    agree), and DDP would re-broadcast them at every forward (~5.6 MB per forward at
     Llama-3-8B, rank 32, 7 projections; benchmarks/bench_comm.py). Pass True if the model has
     other buffers that change (BatchNorm statistics)."""
     if check:
