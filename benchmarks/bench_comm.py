@@ -118,8 +118,9 @@ def _worker(rank, world, port, out_dir):
         if kind != "lora":  # TP: the adapters' extra all-reduces (h), one forward+backward
             model = _tiny(kind)
             mesh = init_device_mesh("cpu", (world,))
-            plan = {f"model.layers.*.*.{p}": (D.LoRIRowwiseParallel() if p in ROWWISE else
-                                              D.LoRIColwiseParallel()) for p in PROJ}
+            plan = {f"model.layers.*.{'mlp' if p.endswith('_proj') and p[0] in 'gud' else 'self_attn'}.{p}":
+                    (D.LoRIRowwiseParallel() if p in ROWWISE else D.LoRIColwiseParallel())
+                    for p in PROJ}
             parallelize_module(model, mesh, plan)
             sent = {"h": 0, "all": 0}
             real = dist.all_reduce
