@@ -152,3 +152,18 @@ def test_a_column_windows_sum_to_the_full_delta():
     torch.testing.assert_close(torch.cat(parts, 1), a, rtol=0, atol=0)
     h = sum(x[:, c:c + 20] @ p.T for c, p in zip((0, 20), parts))
     torch.testing.assert_close(h @ ad.dense_b().T * ad.scale, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out,rank", [(200, 8), (64, 33), (130, 4)])
+def test_row_slice_matches_dense_rows(out, rank):
+    g = torch.Generator().manual_seed(out + rank)
+    b = torch.randn(out, rank, generator=g)
+    p = L.pack_bitmask(b, torch.rand(out, rank, generator=g) < 0.3)
+    for o0, o1 in [(0, out), (0, 64), (64, out), (3, out), (5, 70), (64, 100), (out - 1, out),
+                   (0, 1), (128, out)]:
+        if o1 > out or o0 >= o1:
+            continue
+        s = p.row_slice(o0, o1).validate()
+        assert torch.equal(s.to_dense(), p.to_dense()[o0:o1]), (o0, o1)
+    with pytest.raises(ValueError, match="o0"):
+        p.row_slice(5, 3)
