@@ -64,6 +64,50 @@ class PackedB:
         validate_packed(self.mask, self.values, self.offsets, self.rank)
         return self
 
+    def row_slice(self, o0: int, o1: int) -> "PackedB":
+        """B[o0:o1] as its own PackedB (a tensor-parallel shard of B's rows): the mask rows,
+        the values of those rows, and offsets re-based so that offsets[0] == 0.
+
+        When o0 is a multiple of 64 the slice's chunks are the original chunks (a plain
+        re-based slice of the offsets); otherwise chunk boundaries move and the offsets are
+        recomputed from the mask rows. The values are a view when they can be (contiguous
+        range), so a slice of a Parameter's data shares its storage."""
+        out = self.out_features
+        for name, v in (("o0", o0), ("o1", o1)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if not 0 <= o0 <= o1 <= out:
+            raise ValueError(f"row_slice needs 0 <= o0 <= o1 <= out_features={out}, got "
+                             f"o0={o0}, o1={o1}")
+        if o1 == o0:
+            raise ValueError("row_slice: empty slice (o0 == o1); a PackedB has >= 1 row")
+        mask = self.mask[o0:o1]
+        chunk = spec.ROW_CHUNK
+        if o0 % chunk == 0:
+            # The first value of row o0 is offsets[o0 // 64]; the slice's chunk c is the
+            # original chunk o0//64 + c, except the last one when o1 cuts it.
+            off = self.offsets.to(torch.int64)
+            c0 = o0 // chunk
+            n = spec.num_chunks(o1 - o0)
+            start = int(off[c0])
+            if o1 % chunk == 0 or o1 == out:
+                new_off = off[c0:c0 + n + 1] - start
+                end = int(off[c0 + n])
+            else:
+                counts = unpack_mask(mask[(n - 1) * chunk:], self.rank).sum(dtype=torch.int64)
+                new_off = torch.cat([off[c0:c0 + n] - start,
+                                     (off[c0 + n - 1] - start + counts).reshape(1)])
+                end = start + int(new_off[-1])
+            new_off = new_off.to(torch.int32)
+        else:
+            # Rows before o0 in its chunk: their popcount says where row o0's values start.
+            c = o0 // chunk
+            before = unpack_mask(self.mask[c * chunk:o0], self.rank).sum(dtype=torch.int64)
+            start = int(self.offsets[c]) + int(before)
+            new_off = chunk_offsets(unpack_mask(mask, self.rank))
+            end = start + int(new_off[-1])
+        return PackedB(mask, self.values[start:end], new_off.to(self.offsets.device), self.rank)
+
 
 def _check_rank(rank: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= spec.MAX_RANK:

@@ -20,7 +20,7 @@ LAYERS = [
     {"ops"},
     {"pool"},
     {"nn"},
-    {"workflow"},
+    {"workflow", "distributed"},
     {"config"},
     {"model"},
     {"serving"},

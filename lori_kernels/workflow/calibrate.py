@@ -101,6 +101,11 @@ def to_sparse(model: nn.Module, masks: dict[str, torch.Tensor], *,
             raise ValueError(f"masks[{n!r}] must be a bool tensor ({ad.out_features}, "
                              f"{ad.rank}), got {getattr(mask, 'dtype', type(mask).__name__)} "
                              f"{tuple(getattr(mask, 'shape', ()))}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # A DDP wrapper built before this switch would stop all-reducing: make it raise.
+        from ..distributed.ddp import install_stale_ddp_check
+
+        install_stale_ddp_check()
     new = []
     for n, mask in masks.items():
         ad = layers[n].adapters[adapter_name]

@@ -39,6 +39,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+# Wrappers that hold the model as one child: DDP / DataParallel (`module`), torch.compile
+# (`_orig_mod`), FSDP1 and activation checkpointing. Their child's name is not part of the
+# layer's identity: seeds and adapter files use names with it left out, so that injecting
+# after wrapping gives the same A's and files as on the plain model.
+_WRAPPER_CHILD = {"DistributedDataParallel": "module", "DataParallel": "module",
+                  "OptimizedModule": "_orig_mod",
+                  "FullyShardedDataParallel": "_fsdp_wrapped_module",
+                  "CheckpointWrapper": "_checkpoint_wrapped_module",
+                  "OffloadWrapper": "_checkpoint_wrapped_module"}
+
+
+def canonical_name(model: nn.Module, name: str) -> str:
+    """`name` (a path in `model`) without the children that wrappers insert: the layer's name in
+    the plain model ("module._orig_mod.layers.0.q" -> "layers.0.q")."""
+    out, cur = [], model
+    for part in name.split(".") if name else []:
+        if _WRAPPER_CHILD.get(type(cur).__name__) != part:
+            out.append(part)
+        cur = cur._modules[part] if cur is not None and part in cur._modules else None
+    return ".".join(out)
+
+
 def lori_layers(model: nn.Module) -> dict[str, LoRILinear]:
     """{qualified name: LoRILinear} in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRILinear)}
@@ -133,8 +155,8 @@ def add_adapters(model: nn.Module, names: Sequence[str], *, adapter_name: str,
     for name in names:
         layer = wrap_linear(model, name)
         ad = layer.add_adapter(adapter_name, rank=ranks[name], alpha=alphas[name],
-                               seed=spec.layer_seed(seed, name), distribution=distribution,
-                               dtype=dtype, activate=False)
+                               seed=spec.layer_seed(seed, canonical_name(model, name)),
+                               distribution=distribution, dtype=dtype, activate=False)
         ad.adapter_seed = int(seed)
         ad.values.requires_grad_(activate)
     if activate:
@@ -210,7 +232,7 @@ def add_task_adapter(model: nn.Module, adapter_name: str, *, share_a_with: str |
             if rank is None or alpha is None or seed is None:
                 raise ValueError("rank, alpha and seed are needed without share_a_with")
             ad = layer.add_adapter(adapter_name, rank=rank, alpha=alpha,
-                                   seed=spec.layer_seed(seed, name),
+                                   seed=spec.layer_seed(seed, canonical_name(model, name)),
                                    distribution=distribution or spec.DEFAULT_DISTRIBUTION)
             ad.adapter_seed = int(seed)
         if masks is not None:

@@ -13,7 +13,8 @@ from .. import spec
 from ..nn import LoRILinear
 from ..nn.linear import check_adapter_name, check_alpha, features, is_adaptable
 from .format import FORMAT_VERSION, _bits_from_words, read_adapter, write_adapter_file
-from .inject import freeze_non_lori, lori_layers, progress_bar, resolve_adapter, wrap_linear
+from .inject import (canonical_name, freeze_non_lori, lori_layers, progress_bar, resolve_adapter,
+                     wrap_linear)
 
 __all__ = ["FORMAT_VERSION", "load_adapter", "read_adapter", "save_adapter"]
 
@@ -93,6 +94,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         if adapter_name not in layer.adapters:
             continue
         ad = layer.adapters[adapter_name]
+        name = canonical_name(model, name)  # the plain model's name, whatever wraps it
         vals = ad.values.detach()
         if dtype is not None:
             vals = vals.to(dtype)
@@ -143,12 +145,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     if adapter_name is None:
         adapter_name = meta["adapter_name"]
     check_adapter_name(adapter_name)
-    layers = meta["layers"]
+    # The file names layers as in the plain model; a wrapped model (DDP, torch.compile, ...)
+    # holds them under wrapper children.
+    in_model = {canonical_name(model, n): n for n, _ in model.named_modules()}
+    layers = {}
+    for cname, lm in meta["layers"].items():
+        if cname not in in_model:
+            raise ValueError(f"{path}: layer {cname!r} is not in the model")
+        layers[in_model[cname]] = lm
+    file_name = {in_model[c]: c for c in meta["layers"]}
+    parsed = {**{in_model[c]: v for c, v in parsed.items() if c}, "": parsed[""]}
     for name, lm in layers.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: layer {name!r} is not in the model") from None
+        mod = model.get_submodule(name)
         if not (is_adaptable(mod) or isinstance(mod, LoRILinear)):
             raise ValueError(f"{name}: expected an nn.Linear or Conv1D, found "
                              f"{type(mod).__name__}")
@@ -162,14 +170,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     adapter_seed = parsed[""]["adapter_seed"]
     for name, lm in progress_bar(list(layers.items()), desc="load", disable=not progress):
         layer = wrap_linear(model, name)
-        stored_a = tensors.get(f"{name}.a")
+        fname = file_name[name]
+        stored_a = tensors.get(f"{fname}.a")
         ad = layer.add_adapter(
             adapter_name, rank=lm["rank"], alpha=parsed[name]["alpha"],
             seed=parsed[name]["seed"], distribution=lm["distribution"], dtype=dtype,
             a=None if stored_a is None else stored_a.float(), activate=activate)
         ad.adapter_seed = adapter_seed
-        ad.load_packed(tensors[f"{name}.mask"], tensors[f"{name}.values"],
-                       tensors[f"{name}.offsets"], phase=lm["phase"])
+        ad.load_packed(tensors[f"{fname}.mask"], tensors[f"{fname}.values"],
+                       tensors[f"{fname}.offsets"], phase=lm["phase"])
         ad.values.requires_grad_(trainable)
     if freeze_base:
         freeze_non_lori(model)
