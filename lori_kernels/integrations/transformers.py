@@ -171,15 +171,6 @@ class LoRITrainer(Trainer):
         self.callback_handler.optimizer = self.optimizer
         self.callback_handler.lr_scheduler = self.lr_scheduler
 
-    # ---- signature columns: the wrapped model's forward, not LoRIModel's (*args, **kwargs)
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            import inspect
-
-            sig = inspect.signature(self.model.get_base_model().forward)
-            self._signature_columns = list(sig.parameters) + list(
-                {"label", "label_ids", *self.label_names})
-
     # ---- adapter-only checkpoints ----
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
