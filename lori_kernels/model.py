@@ -20,6 +20,7 @@ import contextlib
 import copy
 import math
 import os
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -180,10 +181,32 @@ class LoRIModel(nn.Module):
         self._trainable: dict[str, bool] = {}
         self._combined: dict[str, tuple[list[str], list[float], str]] = {}
         self._disabled = False
+        self._bind_forward()
 
     # ---- pass-through ----
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
+
+    def _bind_forward(self) -> None:
+        # Tools read the forward's signature to pick inputs (Trainer drops every dataset
+        # column forward does not name): a per-instance forward whose __wrapped__ is the
+        # base's, so inspect.signature(lori_model.forward) is the wrapped model's.
+        def forward(self, *args, **kwargs):
+            return self.base_model(*args, **kwargs)
+
+        forward.__wrapped__ = type(self.base_model).forward
+        forward.__doc__ = LoRIModel.forward.__doc__
+        self.forward = types.MethodType(forward, self)
+
+    def __getstate__(self):
+        # the bound per-instance forward is rebuilt, not pickled or deep-copied
+        state = self.__dict__.copy()
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._bind_forward()
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)

@@ -24,6 +24,7 @@ LAYERS = [
     {"config"},
     {"model"},
     {"serving"},
+    {"integrations"},
     {"__init__"},
 ]
 
