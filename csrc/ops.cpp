@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/avx512.h"
+#include "cpu/isa.h"
 #include "lori/bitmask.h"
 #include "lori/philox.h"
 
