@@ -20,8 +20,10 @@ find "$SAN/pkg" -name '__pycache__' -prune -exec rm -rf {} +
 rm -f "$SAN"/pkg/lori_kernels/_C*.so
 cp "$SAN"/lib/lori_kernels/_C*.so "$SAN/pkg/lori_kernels/"
 
-# The Python interpreter is not instrumented: the ASAN runtime must be loaded first.
-LD_PRELOAD="$(${CXX:-c++} -print-file-name=libasan.so)"
+# The Python interpreter is not instrumented: the ASAN runtime must be loaded first, and
+# libstdc++ right after it, so ASAN's __cxa_throw interceptor finds the real one (without it,
+# the first C++ exception of a non-instrumented extension, e.g. libtriton's, aborts).
+LD_PRELOAD="$(${CXX:-c++} -print-file-name=libasan.so) $(${CXX:-c++} -print-file-name=libstdc++.so)"
 export LD_PRELOAD
 # Leak checking would report the interpreter's own allocations; any other report fails.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1:detect_odr_violation=0}

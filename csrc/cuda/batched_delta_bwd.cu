@@ -249,7 +249,7 @@ void launch_batched_shrink_b(const scalar_t* gy, int64_t T, const BatchedPool& p
                              int splits, int64_t chunks_per_split, acc_type_t<scalar_t>* partial,
                              cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(grid_tiles), static_cast<unsigned>(splits));
-  TORCH_INTERNAL_ASSERT(plan.tile == kSmallTile || !std::is_same_v<scalar_t, double>,
+  TORCH_INTERNAL_ASSERT((plan.tile == kSmallTile || !std::is_same_v<scalar_t, double>),
                         "batched shrink_b: tile ", plan.tile, " for double");
   LORI_TILE_SWITCH(plan.tile, (!std::is_same_v<scalar_t, double>), TILE, [&] {
     batched_shrink_b_kernel<scalar_t, TILE>

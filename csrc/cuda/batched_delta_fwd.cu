@@ -297,7 +297,7 @@ void launch_batched_shrink_a(const scalar_t* x, int64_t T, int64_t in, const Bat
                              int64_t slice_cols, acc_type_t<scalar_t>* partial,
                              cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(grid_tiles), static_cast<unsigned>(splits));
-  TORCH_INTERNAL_ASSERT(plan.tile == kSmallTile || !std::is_same_v<scalar_t, double>,
+  TORCH_INTERNAL_ASSERT((plan.tile == kSmallTile || !std::is_same_v<scalar_t, double>),
                         "batched shrink_a: tile ", plan.tile, " for double");
   LORI_TILE_SWITCH(plan.tile, (!std::is_same_v<scalar_t, double>), TILE, [&] {
     batched_shrink_a_kernel<scalar_t, TILE>
