@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BUILD_STAMP := build/.lori_build_stamp
 NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: all venv build test test-fast bench gpu-check gpu-precheck fuzz clean
+.PHONY: all venv build test test-fast bench gpu-check gpu-precheck fuzz sanitize clean
 all: test
 
 $(VENV)/.installed: Makefile
@@ -55,6 +55,10 @@ gpu-check:
 # Uses the venv `make test` creates (.ci/run runs it after `make test`).
 gpu-precheck:
 	PY=$(VPY) bash .ci/gpu_precheck.sh
+
+# CPU-only ASAN + UBSAN build in build/sanitize and the CPU tests under it (.ci/sanitize.sh).
+sanitize: $(VENV)/.installed
+	bash .ci/sanitize.sh $(PYTEST_ARGS)
 
 clean:
 	rm -rf build lori_kernels/*.so *.egg-info

@@ -4,6 +4,8 @@ and nvcc is found (no GPU needed to build).
 Environment switches:
   LORI_BUILD_CUDA=auto|0|1   auto (default): build CUDA sources when possible; 1: require it
   LORI_SKIP_NATIVE=1         pure-Python install (ops unavailable; for docs/tooling only)
+  LORI_SANITIZE=1            CPU-only build with ASAN + UBSAN (`make sanitize` builds it into
+                             build/sanitize, never over lori_kernels/_C*.so)
   TORCH_CUDA_ARCH_LIST       honoured; default "9.0+PTX" (H100/H200, PTX for newer)
   MAX_JOBS                   honoured by ninja
 """
@@ -35,11 +37,16 @@ def _find_cuda_home():
 def _ext_modules():
     if os.environ.get("LORI_SKIP_NATIVE") == "1":
         return [], {}
+    sanitize = os.environ.get("LORI_SANITIZE") == "1"
     mode = os.environ.get("LORI_BUILD_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise RuntimeError(f"LORI_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     import torch
 
+    if sanitize:
+        if mode == "1":
+            raise RuntimeError("LORI_SANITIZE=1 builds the CPU kernels only; unset LORI_BUILD_CUDA")
+        mode = "0"
     cuda_home = _find_cuda_home() if mode != "0" else None
     build_cuda = mode != "0" and torch.version.cuda is not None and cuda_home is not None
     if mode == "1" and not build_cuda:
@@ -60,6 +67,13 @@ def _ext_modules():
     link = ["-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         cxx.append("-mpopcnt")
+    if sanitize:
+        # -O1 keeps reports readable; vptr checks need RTTI of libtorch's (uninstrumented)
+        # classes and are off; any UBSAN report aborts the process (it fails the test run).
+        san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr",
+               "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + san
+        link = link + san
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if build_cuda:
@@ -74,7 +88,8 @@ def _ext_modules():
         ext = ce.CppExtension("lori_kernels._C", sources, include_dirs=include_dirs,
                               define_macros=define_macros, extra_compile_args={"cxx": cxx},
                               extra_link_args=link)
-    print(f"lori_kernels: building {'C++ + CUDA' if build_cuda else 'C++ only'} "
+    print(f"lori_kernels: building {'C++ + CUDA' if build_cuda else 'C++ only'}"
+          f"{' with ASAN + UBSAN' if sanitize else ''} "
           f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
     cmdclass = {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
     return [ext], cmdclass

@@ -1,6 +1,10 @@
 #include "batched_checks.h"
 
+#include "checks.h"
+
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 #include "lori/bitmask.h"
 #include "lori/philox.h"
@@ -12,29 +16,20 @@ BatchedShape check_batched_args(const char* op, const at::Tensor& x, const at::T
                                 const at::Tensor& value_starts, const at::Tensor& offsets,
                                 const at::Tensor& seeds, const at::Tensor& scales,
                                 const at::Tensor& distributions, int64_t rank) {
-  TORCH_CHECK_VALUE(rank >= 1 && rank <= kMaxRank, op, ": rank must be in [1, ", kMaxRank,
-                    "], got ", rank);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features)");
-  const auto xt = x.scalar_type();
-  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf || xt == at::kDouble,
-                   op, ": x must be float32, bfloat16, float16 or float64, got ", xt);
-  const auto dev = x.device();
-  auto same_device = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but x is on ", dev,
-                "; move the pool (AdapterPool.to) and the ids to x's device");
-  };
-  same_device(ids, "adapter_ids");
-  same_device(masks, "masks");
-  same_device(values, "values");
-  same_device(value_starts, "value_starts");
-  same_device(offsets, "offsets");
-  same_device(seeds, "seeds");
-  same_device(scales, "scales");
-  same_device(distributions, "distributions");
+  check_rank(op, rank);
+  check_x(op, x);
+  const char* hint = "; move the pool (AdapterPool.to) and the ids to x's device";
+  check_same_device(op, "adapter_ids", ids, x, hint);
+  check_same_device(op, "masks", masks, x, hint);
+  check_same_device(op, "values", values, x, hint);
+  check_same_device(op, "value_starts", value_starts, x, hint);
+  check_same_device(op, "offsets", offsets, x, hint);
+  check_same_device(op, "seeds", seeds, x, hint);
+  check_same_device(op, "scales", scales, x, hint);
+  check_same_device(op, "distributions", distributions, x, hint);
   BatchedShape s;
   s.in_features = x.size(-1);
-  TORCH_CHECK_VALUE(s.in_features >= 1 && s.in_features <= UINT32_MAX / 2, op,
-                    ": in_features must be in [1, 2^31), got ", s.in_features);
+  check_in_features(op, s.in_features);
   s.tokens = x.numel() / s.in_features;
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
                    ": adapter_ids must be int32 or int64, got ", ids.scalar_type());
@@ -42,8 +37,7 @@ BatchedShape check_batched_args(const char* op, const at::Tensor& x, const at::T
                     ": adapter_ids must have shape (", s.tokens, ",) (one id per token of x), got ",
                     ids.sizes());
   const int words = mask_words(static_cast<int>(rank));
-  TORCH_CHECK_TYPE(masks.scalar_type() == at::kInt, op, ": masks must be int32, got ",
-                   masks.scalar_type());
+  check_dtype(op, "masks", masks, at::kInt);
   TORCH_CHECK_VALUE(masks.dim() == 3 && masks.size(2) == words, op,
                     ": masks must have shape (adapters, out_features, ", words, ") for rank ", rank,
                     " (every adapter of a pool has the same rank), got ", masks.sizes());
@@ -52,18 +46,15 @@ BatchedShape check_batched_args(const char* op, const at::Tensor& x, const at::T
   s.rank = rank;
   s.words = words;
   s.chunks = num_chunks(s.out_features);
-  TORCH_CHECK_TYPE(values.scalar_type() == xt, op, ": values dtype (", values.scalar_type(),
-                   ") must match x dtype (", xt, ")");
+  check_values_dtype(op, values, x);
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt, op, ": offsets must be int32, got ",
-                   offsets.scalar_type());
+  check_dtype(op, "offsets", offsets, at::kInt);
   TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.size(0) == s.adapters &&
                         offsets.size(1) == s.chunks + 1,
                     op, ": offsets must have shape (", s.adapters, ", ", s.chunks + 1,
                     ") for out_features ", s.out_features, ", got ", offsets.sizes());
   auto per_adapter = [&](const at::Tensor& t, at::ScalarType want, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ",
-                     t.scalar_type());
+    check_dtype(op, name, t, want);
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.adapters, op, ": ", name,
                       " must have shape (", s.adapters, ",) (one per adapter), got ", t.sizes());
   };
@@ -76,18 +67,11 @@ BatchedShape check_batched_args(const char* op, const at::Tensor& x, const at::T
 
 void check_batched_out_like(const char* op, const char* name, const at::Tensor& t,
                             const at::Tensor& x, const BatchedShape& s) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype (",
-                   t.scalar_type(), ") must match x dtype (", x.scalar_type(), ")");
-  auto expect = x.sizes().vec();
-  expect.back() = s.out_features;
-  TORCH_CHECK_VALUE(t.sizes().vec() == expect, op, ": ", name, " must have shape ",
-                    c10::IntArrayRef(expect), ", got ", t.sizes());
+  check_out_like(op, name, t, x, s.out_features);
 }
 
 void check_batched_adapter(const char* op, int64_t a, int32_t offset0, int64_t nnz,
-                           int64_t value_start, int64_t num_values, int32_t dist) {
+                           int64_t value_start, int64_t num_values, int32_t dist, float scale) {
   TORCH_CHECK_VALUE(offset0 == 0, op, ": offsets[", a, ", 0] must be 0, got ", offset0);
   // Written so no sum can overflow: value_start + nnz could wrap past int64.
   TORCH_CHECK_VALUE(value_start >= 0 && nnz >= 0 && nnz <= num_values &&
@@ -96,6 +80,10 @@ void check_batched_adapter(const char* op, int64_t a, int32_t offset0, int64_t n
                     ") do not lie within the values buffer (", num_values, " entries)");
   TORCH_CHECK_VALUE(dist == kRademacher || dist == kUniform, op, ": distributions[", a, "] = ",
                     dist, " is not 1 (rademacher) or 2 (uniform)");
+  // scales is float32, so only finiteness is left to check (an inf scale turns a zero delta
+  // into NaN).
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scales[", a, "] = ", scale,
+                    " is not finite");
 }
 
 void fail_batched_id(const char* op, int64_t t, int64_t id, int64_t n) {

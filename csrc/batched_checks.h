@@ -1,5 +1,6 @@
-// Host-side argument checks of batched_sparse_delta (and its backward), for every backend.
-// Shapes, dtypes and devices only: nothing here reads tensor data. The CPU kernels also
+// Host-side argument checks of batched_sparse_delta (and its backward), for every backend,
+// built from the shared rules of checks.h. Shapes, dtypes and devices only: nothing here
+// reads tensor data. The CPU kernels also
 // range-check adapter ids and each used adapter's value extent (csrc/cpu/batched_delta.h).
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -30,10 +31,11 @@ void check_batched_out_like(const char* op, const char* name, const at::Tensor& 
 
 // One used adapter's metadata, read from the pool's tensors (shared by the CPU and CUDA
 // backends so both raise the same errors, in this order): offsets[a, 0] == 0, its value
-// extent [value_start, value_start + nnz) within [0, num_values) (nnz = offsets[a, C]), and
-// distribution 1 or 2. Overflow-safe.
+// extent [value_start, value_start + nnz) within [0, num_values) (nnz = offsets[a, C]),
+// distribution 1 or 2, and a finite scale. Overflow-safe.
 void check_batched_adapter(const char* op, int64_t adapter, int32_t offset0, int64_t nnz,
-                           int64_t value_start, int64_t num_values, int32_t distribution);
+                           int64_t value_start, int64_t num_values, int32_t distribution,
+                           float scale);
 
 // The error for adapter_ids[t] = id outside [-1, adapters).
 [[noreturn]] void fail_batched_id(const char* op, int64_t t, int64_t id, int64_t adapters);

@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/avx512.h"
+#include "cpu/isa.h"
 #include "lori/bitmask.h"
 #include "lori/philox.h"
 
@@ -93,7 +93,7 @@ TORCH_LIBRARY(lori, m) {
   m.def(
       "triton_merge_delta_(Tensor(a!) weight, Tensor mask, Tensor values, Tensor offsets, "
       "int rank, int seed, str distribution, float scale) -> ()");
-  // ---- batched multi-adapter ops (issue 4): schemas below this line -------------------
+  // ---- batched multi-adapter ops: schemas below this line ---------------------------------
   // Many adapters of one pool (same rank, in_features, out_features) in one batch:
   //   y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]
   // (a == -1: y[t] = base[t], or 0 without base). A_a from (seeds[a], distributions[a]:

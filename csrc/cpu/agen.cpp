@@ -10,15 +10,10 @@
 
 #include "lori/philox.h"
 #include "avx512.h"
+#include "isa.h"
 #include "simd.h"
 
 namespace lori::cpu {
-
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
 
 void tile_words_scalar(const AGenParams& g, PairCursor& cur, int64_t n, uint32_t* words) {
   for (int64_t p = 0; p < n; ++p) {
@@ -139,10 +134,10 @@ LORI_AVX2 void words_to_floats_avx2(int dist, float mag, const uint32_t* words, 
 
 void gen_a_words(const AGenParams& g, int64_t r0, int64_t r1, int64_t b0, int64_t nb,
                  uint32_t* words) {
-  const int isa = cpu_isa();
-  if (isa >= 2) {
+  const Isa isa = cpu_paths().philox;
+  if (isa == Isa::kAvx512) {
     tile_words_avx512(g, r0, b0, nb, (r1 - r0) * nb, words);
-  } else if (isa == 1) {
+  } else if (isa == Isa::kAvx2) {
     tile_words_avx2(g, r0, b0, nb, (r1 - r0) * nb, words);
   } else {
     PairCursor cur(r0, b0, nb);
@@ -158,7 +153,7 @@ void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t
   thread_local std::vector<uint32_t> words;
   words.resize(static_cast<size_t>(nr * nb * 4) + 8);
   gen_a_words(g, r0, r1, b0, nb, words.data());
-  const bool avx2 = cpu_isa() >= 1;
+  const bool avx2 = cpu_paths().a_floats >= Isa::kAvx2;
   const int64_t e0 = c0 - (b0 << sh);
   for (int64_t r = 0; r < nr; ++r) {
     const uint32_t* w = words.data() + r * nb * 4;

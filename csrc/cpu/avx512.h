@@ -1,33 +1,23 @@
-// AVX-512 variants of the decode-critical CPU kernels, chosen at runtime when the CPU has
-// AVX-512 F/DQ/BW/VL (AVX2 stays the baseline). They compute the same results as the AVX2
+// AVX-512 variants of the decode-critical CPU kernels, one file per pass next to its AVX2
+// version (agen_avx512.cpp, delta_common_avx512.cpp, b_stage_avx512.cpp,
+// sparse_delta_bwd_avx512.cpp). isa.h's table decides at runtime when they run (the CPU has
+// AVX-512 F/DQ/BW/VL; AVX2 stays the baseline). They compute the same results as the AVX2
 // kernels: A bit-identical, the rest within the tolerance rule.
 #pragma once
-#include <c10/util/string_view.h>
-
 #include <cstdint>
-#include <string>
 
 #include "../checks.h"
 #include "delta_common.h"
 
 namespace lori::cpu {
 
-// Instruction set the CPU kernels use: 2 = AVX-512, 1 = AVX2, 0 = generic. The default is the
-// best the CPU has; lori::_set_cpu_isa lowers it (tests run every path on one machine).
-int cpu_isa();
-bool use_avx512();
-std::string set_cpu_isa(c10::string_view isa);  // "auto" | "avx512" | "avx2" | "generic"
-
 // Philox words for pairs p in [0, n): row r0 + p / nb, block b0 + p % nb; words[4p + w].
 void tile_words_avx512(const AGenParams& g, int64_t r0, int64_t b0, int64_t nb, int64_t n,
                        uint32_t* words);
 
-// out[t] = magnitude * sum_j (+-x[t, j]) with the signs of A's row (bit j set -> negative),
-// given xsum[t] = sum_j x[t, j] (row_sums_avx512).
+// out[t] = magnitude * sum_j (+-x[t, j]) with the signs of A's row (bit j set -> negative).
 void dot_rows_signs_avx512(const float* x, int64_t T, int64_t n, int64_t ldx,
-                           const uint32_t* signs, float magnitude, const float* xsum, float* out);
-// out[t] = sum_j x[t, j] for j < n.
-void row_sums_avx512(const float* x, int64_t T, int64_t n, int64_t ldx, float* out);
+                           const uint32_t* signs, float magnitude, float* out);
 
 // Prefill B stage, the accumulate step of apply_b_avx2 (b_stage.h) 16 tokens wide: for rows
 // i < nrows of a chunk, yT[i * ldy + t] = sum over the row's entries e in [st[i], st[i+1]) of

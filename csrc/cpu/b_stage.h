@@ -15,6 +15,7 @@
 
 #include "avx512.h"
 #include "delta_common.h"
+#include "isa.h"
 #include "lori/bitmask.h"
 #include "simd.h"
 
@@ -76,7 +77,7 @@ LORI_AVX2 int64_t apply_b_avx2(const BView& b, int64_t rank, int64_t nnz, const 
   }
   alignas(64) float yT[kRowChunk * kYGroup];
   const __m256 vscale = _mm256_set1_ps(scale);
-  const bool avx512 = use_avx512();
+  const bool avx512 = cpu_paths().b_prefill == Isa::kAvx512;
   for (int64_t tg = 0; tg < Tp; tg += kYGroup) {
     const int64_t ng = std::min(kYGroup, Tp - tg);  // multiple of 8
     for (int64_t c = c0; c < c1; ++c) {
@@ -237,7 +238,7 @@ LORI_AVX2 int64_t apply_b_expand_any(int64_t T, const BView& b, int64_t rank, in
                                      const float* h, int64_t ldh, float scale, scalar_t* y,
                                      int64_t c0, int64_t c1, const int64_t* tok = nullptr,
                                      bool accumulate = false, int64_t readable = -1) {
-  if (use_avx512()) {
+  if (cpu_paths().b_decode == Isa::kAvx512) {
     return apply_b_expand_avx512<scalar_t>(T, b, rank, nnz, h, ldh, scale, y, c0, c1, tok,
                                            accumulate);
   }

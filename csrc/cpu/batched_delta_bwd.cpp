@@ -9,11 +9,28 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "../op_handles.h"
 #include "batched_delta.h"
 
 namespace lori::cpu {
 namespace {
+
+// Whether two used adapters' value extents overlap (a pool may alias one B for several ids).
+bool shares_values(const std::vector<Segment>& segs) {
+  std::vector<std::pair<int64_t, int64_t>> ext;
+  for (const Segment& seg : segs) {
+    if (seg.nnz > 0) ext.emplace_back(seg.value_start, seg.value_start + seg.nnz);
+  }
+  std::sort(ext.begin(), ext.end());
+  for (size_t i = 1; i < ext.size(); ++i) {
+    if (ext[i].first < ext[i - 1].second) return true;
+  }
+  return false;
+}
 
 at::Tensor rows(const at::Tensor& t2, const at::Tensor& perm, const Segment& seg) {
   if (seg.contiguous_from >= 0) return t2.narrow(0, seg.contiguous_from, seg.len);
@@ -39,8 +56,17 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
     return {gx, gv};
   }
   at::AutoDispatchBelowADInplaceOrView guard;  // the per-segment calls record no graph
-  const at::Tensor x2 = x.reshape({T, s.in_features});
-  const at::Tensor gy2 = grad_y.reshape({T, s.out_features});
+  // Adapters sharing a value range sum their gradients there. In bf16/fp16 that sum must be
+  // formed in fp32 and rounded once: the segments then run in fp32 (bf16/fp16 -> fp32 is
+  // exact, and the kernels compute in fp32 either way) and grad_x / grad_values are rounded
+  // once at the end.
+  const bool lowp = values.scalar_type() != acc_dtype_of(values.scalar_type());
+  const bool widen = lowp && need_values && shares_values(g.segs);
+  const auto wide = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
+  const at::Tensor x2 = wide(x.reshape({T, s.in_features}));
+  const at::Tensor gy2 = wide(grad_y.reshape({T, s.out_features}));
+  const at::Tensor vals = wide(values);
+  at::Tensor gv_acc = widen ? at::zeros({values.numel()}, values.options().dtype(at::kFloat)) : gv;
   at::Tensor gx2 = need_x ? gx.view({T, s.in_features}) : at::Tensor();
   const at::Tensor perm = at::from_blob(const_cast<int64_t*>(g.perm.data()),
                                         {static_cast<int64_t>(g.perm.size())}, at::kLong);
@@ -50,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
     try {
       std::tie(gxs, gvs) = sparse_delta_backward_op().call(
           rows(gy2, perm, seg).contiguous(), rows(x2, perm, seg), masks[a],
-          values.narrow(0, seg.value_start, seg.nnz), offsets[a], rank,
+          vals.narrow(0, seg.value_start, seg.nnz), offsets[a], rank,
           static_cast<int64_t>(static_cast<uint64_t>(seg.gen.k0) |
                                (static_cast<uint64_t>(seg.gen.k1) << 32)),
           distribution_name(seg.gen.dist), seg.scale, need_x, need_values, std::nullopt);
@@ -58,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
       TORCH_CHECK_VALUE(false, adapter_op(op, a), ": ", e.what_without_backtrace());
     }
     if (need_x) {
+      if (widen) gxs = gxs.to(gx.scalar_type());  // rounded once
       if (seg.contiguous_from >= 0) {
         gx2.narrow(0, seg.contiguous_from, seg.len).copy_(gxs);
       } else {
@@ -65,8 +92,9 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
       }
     }
     // add_, not copy_: adapters may share a value range (then their gradients sum).
-    if (need_values) gv.narrow(0, seg.value_start, seg.nnz).add_(gvs);
+    if (need_values) gv_acc.narrow(0, seg.value_start, seg.nnz).add_(gvs);
   }
+  if (widen) gv.copy_(gv_acc);
   return {gx, gv};
 }
 

@@ -64,7 +64,7 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
     const int32_t* o = offp + a * (s.chunks + 1);
     seg.value_start = vsp[a];
     seg.nnz = o[s.chunks];
-    check_batched_adapter(op, a, o[0], seg.nnz, seg.value_start, num_values, dip[a]);
+    check_batched_adapter(op, a, o[0], seg.nnz, seg.value_start, num_values, dip[a], scp[a]);
     const int dist = dip[a];
     const uint64_t useed = static_cast<uint64_t>(sdp[a]);
     seg.gen.k0 = static_cast<uint32_t>(useed);
@@ -173,11 +173,14 @@ at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
       const int64_t a = seg.adapter;
       const at::Tensor mk = m[a], of = off[a], v = values.narrow(0, seg.value_start, seg.nnz);
       check_bitmask_cpu(adapter_op(op, a).c_str(), mk, of, rank, seg.nnz);
+      // With base, the delta stays in the accumulation dtype until base + delta is rounded
+      // once into y's dtype (the spec's accumulate form).
       const at::Tensor ys = sparse_delta_generic(segment_rows(x2, perm, seg), mk, v,
-                                                 segment_shape(s, seg), seg.scale);
+                                                 segment_shape(s, seg), seg.scale, nullptr,
+                                                 accumulate);
       const at::Tensor idx = perm.narrow(0, seg.start, seg.len);
       if (accumulate) {
-        y2.index_add_(0, idx, ys);
+        y2.index_copy_(0, idx, y2.index_select(0, idx).to(ys.scalar_type()).add_(ys).to(y2.scalar_type()));
       } else {
         y2.index_copy_(0, idx, ys);
       }

@@ -203,10 +203,10 @@ void dot_rows_scalar(const float* x, int64_t T, int64_t n, int64_t ldx, const Ro
 }  // namespace
 
 DirectA::DirectA(const float* x, int64_t T, int64_t ldx, const DeltaShape& s)
-    : x_(x), T_(T), ldx_(ldx), s_(s), isa_(cpu_isa()), signs_(s.gen.dist == kRademacher),
+    : x_(x), T_(T), ldx_(ldx), s_(s), isa_(cpu_paths().x_dot),
+      signs_(s.gen.dist == kRademacher),
       nb_(((s.in_features - 1) >> elems_per_block_log2(s.gen.dist)) + 1) {
   TORCH_INTERNAL_ASSERT(T <= kDirectMaxTokens, "DirectA: T = ", T);
-  if (signs_ && isa_ >= 2) row_sums_avx512(x, T, s.in_features, ldx, xsum_);
 }
 
 void DirectA::rows(int64_t r0, int64_t r1, float* h, int64_t ldh) const {
@@ -229,9 +229,9 @@ void DirectA::rows(int64_t r0, int64_t r1, float* h, int64_t ldh) const {
       gen_a_tile(s_.gen, r, r + 1, 0, in, row.data(), in);
       a.values = row.data();
     }
-    if (signs_ && isa_ >= 2) {
-      dot_rows_signs_avx512(x_, T_, in, ldx_, a.signs, a.magnitude, xsum_, h + r * ldh);
-    } else if (isa_ >= 1) {
+    if (signs_ && isa_ == Isa::kAvx512) {
+      dot_rows_signs_avx512(x_, T_, in, ldx_, a.signs, a.magnitude, h + r * ldh);
+    } else if (isa_ >= Isa::kAvx2) {
       dot_rows_avx2(x_, T_, in, ldx_, a, h + r * ldh);
     } else {
       dot_rows_scalar(x_, T_, in, ldx_, a, h + r * ldh);

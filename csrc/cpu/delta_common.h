@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "../checks.h"
+#include "isa.h"
 
 namespace lori::cpu {
 
@@ -50,10 +51,9 @@ class DirectA {
   const float* x_;
   int64_t T_, ldx_;
   const DeltaShape& s_;
-  int isa_;
+  Isa isa_;
   bool signs_;
   int64_t nb_;
-  float xsum_[kDirectMaxTokens] = {};
 };
 
 // Values as fp32 (a copy only when they are not fp32 already).
@@ -121,10 +121,12 @@ void for_a_tiles(const DeltaShape& s, at::ScalarType dtype, F&& f) {
 // float64 inputs (gradcheck) and CPUs without AVX2 take the generic path: the same tiling
 // of A, with ATen GEMMs and a dense (out x rank) B, computing in float64 for float64 inputs.
 bool use_generic_path(const at::Tensor& x);
-// h_out (optional): receives h = x @ A^T, (T, rank) in the accumulation dtype.
+// h_out (optional): receives h = x @ A^T, (T, rank) in the accumulation dtype. The result is
+// in x's dtype, or in the accumulation dtype when acc_out (for callers that add it to
+// something else first and round once).
 at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
                                 const at::Tensor& values, const DeltaShape& s, double scale,
-                                at::Tensor* h_out = nullptr);
+                                at::Tensor* h_out = nullptr, bool acc_out = false);
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
     const at::Tensor& gy2, const at::Tensor& x2, const at::Tensor& mask, const at::Tensor& values,
     const DeltaShape& s, double scale, bool need_x, bool need_values,

@@ -7,13 +7,12 @@
 
 #include "agen.h"
 #include "delta_common.h"
-#include "avx512.h"
-#include "simd.h"
+#include "isa.h"
 
 namespace lori::cpu {
 
 bool use_generic_path(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble || cpu_isa() < 1;
+  return x.scalar_type() == at::kDouble || cpu_paths().generic_ops;
 }
 
 namespace {
@@ -34,11 +33,12 @@ at::Tensor h_generic(const at::Tensor& xa, const DeltaShape& s) {
 
 at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
                                 const at::Tensor& values, const DeltaShape& s, double scale,
-                                at::Tensor* h_out) {
+                                at::Tensor* h_out, bool acc_out) {
   const auto acc = acc_type(x2);
   const at::Tensor h = h_generic(x2.to(acc), s);
   if (h_out) *h_out = h;
-  return at::mm(h, dense_b(mask, values, s.rank, acc).t()).mul_(scale).to(x2.scalar_type());
+  const at::Tensor y = at::mm(h, dense_b(mask, values, s.rank, acc).t()).mul_(scale);
+  return acc_out ? y : y.to(x2.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(

@@ -15,7 +15,7 @@ void merge_delta_cpu(const at::Tensor& weight, const at::Tensor& mask, const at:
                      c10::string_view distribution, double scale) {
   const char* op = "merge_delta_";
   const DeltaShape s = check_merge_delta_args(op, weight, mask, values, offsets, rank, seed,
-                                              distribution);
+                                              distribution, scale);
   check_bitmask_cpu(op, mask, offsets, rank, values.numel());
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor b = dense_b(mask, values, rank, acc).mul_(scale);  // (out, rank)

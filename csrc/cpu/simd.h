@@ -14,8 +14,6 @@
 
 namespace lori::cpu {
 
-bool has_avx2();  // AVX2 + FMA + F16C, checked once at runtime
-
 // In-register transpose: r[i] lane j <-> r[j] lane i.
 LORI_AVX2 inline void transpose8x8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);

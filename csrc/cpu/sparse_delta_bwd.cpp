@@ -15,6 +15,7 @@
 #include "avx512.h"
 #include "b_stage.h"
 #include "delta_common.h"
+#include "isa.h"
 #include "simd.h"
 
 namespace lori::cpu {
@@ -252,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     const std::optional<at::Tensor>& h_in) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
-                                               distribution);
+                                               distribution, scale);
   check_grad_y(op, grad_y, x, s);
   const int64_t T = s.tokens, Tp = round_up8(T);
   // Both are fully written below (or zero-filled on the early-return paths).
@@ -290,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
   const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
   check_offset_ends(op, off.data_ptr<int32_t>(), nchunks, nnz);
   const float sc = static_cast<float>(scale);
-  if (T <= kExpandMaxTokens && s.words == 1 && use_avx512()) {
+  if (T <= kExpandMaxTokens && s.words == 1 && cpu_paths().bwd_decode == Isa::kAvx512) {
     decode_backward_avx512(gy2, b, s, nnz, sc, need_x, need_values, hT, gx, gv, op, mask,
                            offsets);
     return {gx, gv};

@@ -28,16 +28,25 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
                                                 c10::string_view distribution, double scale,
                                                 bool keep_h) {
   const DeltaShape s = check_sparse_delta_args("sparse_delta", x, mask, values, offsets, rank,
-                                               seed, distribution);
+                                               seed, distribution, scale);
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out_features;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens, Tp = round_up8(T);
   const auto hdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (T == 0 || s.out_features == 0) {
-    return {y, keep_h ? at::zeros({T, rank}, x.options().dtype(hdtype)) : at::Tensor()};
-  }
+  if (T == 0) return {y, keep_h ? at::zeros({0, rank}, x.options().dtype(hdtype)) : at::Tensor()};
+  if (s.out_features == 0 && !keep_h) return {y, at::Tensor()};
   const at::Tensor x2 = x.reshape({T, s.in_features});
+  if (s.out_features == 0) {
+    // No B rows, but h = x @ A^T does not depend on B: the backward reuses it.
+    check_bitmask_cpu("sparse_delta", mask, offsets, rank, values.numel());
+    if (use_generic_path(x)) {
+      at::Tensor h;
+      sparse_delta_generic(x2, mask, values, s, scale, &h);
+      return {y, h};
+    }
+    return {y, compute_hT(x2, s).narrow(1, 0, T).t().contiguous()};
+  }
   if (use_generic_path(x)) {
     check_bitmask_cpu("sparse_delta", mask, offsets, rank, values.numel());
     at::Tensor h;

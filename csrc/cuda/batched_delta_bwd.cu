@@ -249,17 +249,12 @@ void launch_batched_shrink_b(const scalar_t* gy, int64_t T, const BatchedPool& p
                              int splits, int64_t chunks_per_split, acc_type_t<scalar_t>* partial,
                              cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(grid_tiles), static_cast<unsigned>(splits));
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (plan.tile == kLargeTile) {
-      batched_shrink_b_kernel<scalar_t, kLargeTile>
-          <<<grid, kThreads, 0, stream>>>(gy, T, p, values, plan, chunks_per_split, partial);
-      LORI_LAUNCH_CHECK();
-      return;
-    }
-  }
-  TORCH_INTERNAL_ASSERT(plan.tile == kSmallTile, "batched shrink_b: tile ", plan.tile);
-  batched_shrink_b_kernel<scalar_t, kSmallTile>
-      <<<grid, kThreads, 0, stream>>>(gy, T, p, values, plan, chunks_per_split, partial);
+  TORCH_INTERNAL_ASSERT((plan.tile == kSmallTile || !std::is_same_v<scalar_t, double>),
+                        "batched shrink_b: tile ", plan.tile, " for double");
+  LORI_TILE_SWITCH(plan.tile, (!std::is_same_v<scalar_t, double>), TILE, [&] {
+    batched_shrink_b_kernel<scalar_t, TILE>
+        <<<grid, kThreads, 0, stream>>>(gy, T, p, values, plan, chunks_per_split, partial);
+  });
   LORI_LAUNCH_CHECK();
 }
 
@@ -270,12 +265,11 @@ void launch_batched_expand_a(const acc_type_t<scalar_t>* partial, int splits, in
   const dim3 grid(static_cast<unsigned>(grid_tiles),
                   static_cast<unsigned>(ceil_div(in, kAColTile)));
   const size_t smem = static_cast<size_t>(plan.tile) * p.rank * sizeof(acc_type_t<scalar_t>);
-  TORCH_INTERNAL_ASSERT(plan.tile == kLargeTile || plan.tile == kSmallTile,
-                        "batched expand_a: tile ", plan.tile);
-  auto kernel = plan.tile == kLargeTile ? &batched_expand_a_kernel<scalar_t, kLargeTile>
-                                        : &batched_expand_a_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
-  kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, p, plan, gx);
+  LORI_TILE_SWITCH(plan.tile, true, TILE, [&] {
+    auto kernel = &batched_expand_a_kernel<scalar_t, TILE>;
+    raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, p, plan, gx);
+  });
   LORI_LAUNCH_CHECK();
 }
 

@@ -297,17 +297,12 @@ void launch_batched_shrink_a(const scalar_t* x, int64_t T, int64_t in, const Bat
                              int64_t slice_cols, acc_type_t<scalar_t>* partial,
                              cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(grid_tiles), static_cast<unsigned>(splits));
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (plan.tile == kLargeTile) {
-      batched_shrink_a_kernel<scalar_t, kLargeTile>
-          <<<grid, kThreads, 0, stream>>>(x, T, in, p, plan, slice_cols, partial);
-      LORI_LAUNCH_CHECK();
-      return;
-    }
-  }
-  TORCH_INTERNAL_ASSERT(plan.tile == kSmallTile, "batched shrink_a: tile ", plan.tile);
-  batched_shrink_a_kernel<scalar_t, kSmallTile>
-      <<<grid, kThreads, 0, stream>>>(x, T, in, p, plan, slice_cols, partial);
+  TORCH_INTERNAL_ASSERT((plan.tile == kSmallTile || !std::is_same_v<scalar_t, double>),
+                        "batched shrink_a: tile ", plan.tile, " for double");
+  LORI_TILE_SWITCH(plan.tile, (!std::is_same_v<scalar_t, double>), TILE, [&] {
+    batched_shrink_a_kernel<scalar_t, TILE>
+        <<<grid, kThreads, 0, stream>>>(x, T, in, p, plan, slice_cols, partial);
+  });
   LORI_LAUNCH_CHECK();
 }
 
@@ -319,13 +314,12 @@ void launch_batched_expand_b(const acc_type_t<scalar_t>* partial, int splits, in
   const dim3 grid(static_cast<unsigned>(grid_tiles),
                   static_cast<unsigned>(ceil_div(p.chunks, chunks_per_block)));
   const size_t smem = static_cast<size_t>(plan.tile) * p.rank * sizeof(acc_type_t<scalar_t>);
-  TORCH_INTERNAL_ASSERT(plan.tile == kLargeTile || plan.tile == kSmallTile,
-                        "batched expand_b: tile ", plan.tile);
-  auto kernel = plan.tile == kLargeTile ? &batched_expand_b_kernel<scalar_t, kLargeTile>
-                                        : &batched_expand_b_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
-  kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, p, values, plan, chunks_per_block,
-                                           accumulate, y);
+  LORI_TILE_SWITCH(plan.tile, true, TILE, [&] {
+    auto kernel = &batched_expand_b_kernel<scalar_t, TILE>;
+    raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, plan.tile, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, p, values, plan,
+                                             chunks_per_block, accumulate, y);
+  });
   LORI_LAUNCH_CHECK();
 }
 

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "kernels.cuh"
+#include "static_switch.h"
 #include "lori/bitmask.h"
 #include "lori/philox.h"
 

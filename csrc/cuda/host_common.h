@@ -1,5 +1,6 @@
-// Host-side helpers shared by the CUDA op files (ops_cuda.cpp, ops_cuda_batched.cpp): dtype
-// dispatch, device attributes, launch planning. Plain C++ (compiled by the host compiler).
+// Host-side helpers shared by the CUDA op files (ops_cuda.cpp, ops_cuda_batched.cpp): device
+// attributes and launch planning (the dtype switch is in static_switch.h). Plain C++
+// (compiled by the host compiler).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "kernels.cuh"
+#include "static_switch.h"
 
 namespace lori::cuda {
 
@@ -36,17 +38,6 @@ inline int sm_count(c10::DeviceIndex dev) {
 // the default 9.0+PTX does).
 inline bool has_bf16_mma(c10::DeviceIndex dev) {
   return device_attr(dev, cudaDevAttrComputeCapabilityMajor, 1) >= 8;
-}
-
-template <typename F>
-void dispatch(const char* op, at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK_TYPE(false, op, ": no CUDA kernel for dtype ", t);
-  }
 }
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {

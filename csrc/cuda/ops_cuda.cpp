@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
                                                 int64_t seed, c10::string_view distribution,
                                                 double scale, bool keep_h) {
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
-                                               distribution);
+                                               distribution, scale);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out_features;
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     const std::optional<at::Tensor>& h_in) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
-                                               distribution);
+                                               distribution, scale);
   check_grad_y(op, grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = s.tokens;
@@ -280,7 +280,7 @@ void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& mask, const at
                       c10::string_view distribution, double scale) {
   const char* op = "merge_delta_";
   const DeltaShape s = check_merge_delta_args(op, weight, mask, values, offsets, rank, seed,
-                                              distribution);
+                                              distribution, scale);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (weight.numel() == 0) return;
   check_grid_y(op, num_chunks(s.out_features), "64-row chunks of B");

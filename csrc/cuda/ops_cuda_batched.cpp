@@ -4,13 +4,13 @@
 //
 // Adapter ids and the pool's metadata live on the device. By default each call validates them
 // the way the CPU backend does (ids in [-1, N); for each adapter a token uses: offsets[a, 0] ==
-// 0, its value extent inside `values`, distribution 1 or 2), with the same error messages: one
-// small kernel writes flags that the host reads in one 48-byte device-to-host copy, after the
-// tile plan is built. That copy synchronizes the host with the stream: it costs a round trip
+// 0, its value extent inside `values`, distribution 1 or 2, a finite scale), with the same
+// error messages: one small kernel (and, for the scales, a few tensor ops) write flags that the
+// host reads in one device-to-host copy of 56 bytes, after the tile plan is built. That copy synchronizes the host with the stream: it costs a round trip
 // (~10-20 us) plus waiting for the work queued before the call, and so prevents CPU/GPU
 // overlap. It also gives the host the exact tile and slot counts, so the grids and the
 // backward's grad_values buffer are sized exactly.
-// LORI_BATCHED_VALIDATE=0 turns it off (no sync); it is also skipped while the stream is being
+// LORI_VALIDATE=off turns it off (no sync); it is also skipped while the stream is being
 // captured into a CUDA graph. Unvalidated input stays memory-safe: ids outside [0, N) act as
 // -1 (zero delta, zero gradient), value extents are clamped into `values`, and, as for
 // sparse_delta, the kernels trust each chunk's offsets only within those bounds.
@@ -34,8 +34,12 @@ namespace lori::cuda {
 namespace {
 
 bool validation_enabled(cudaStream_t stream) {
-  const char* env = std::getenv("LORI_BATCHED_VALIDATE");
-  if (env != nullptr && std::string_view(env) == "0") return false;
+  // The package's one validation switch (lori_kernels.validation keeps LORI_VALIDATE in step
+  // with set_validation): "off" (or "0") skips the device-side checks and their host sync.
+  const char* env = std::getenv("LORI_VALIDATE");
+  if (env != nullptr && (std::string_view(env) == "0" || std::string_view(env) == "off")) {
+    return false;
+  }
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
   return st == cudaStreamCaptureStatusNone;
@@ -126,18 +130,35 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const PoolTensors& 
     g.slots_gb = std::min(plan_max_slots(T, gb_tile), g.grid_gb);
   }
   if (validate) {
-    const at::Tensor h = info.cpu();  // the one synchronization
+    // Scales are not read by the validation kernel: the first used adapter with a
+    // non-finite scale is found with tensor ops on the device and read back with the flags
+    // (same single copy). Ids out of range are clamped here; they fail above anyway.
+    at::Tensor flags = info;
+    if (N > 0) {
+      const at::Tensor valid = idc.ge(0).logical_and(idc.lt(N)).to(at::kLong);
+      const at::Tensor used =
+          at::zeros({N}, opts).index_add_(0, idc.clamp(0, N - 1).to(at::kLong), valid);
+      const at::Tensor bad = used.gt(0).logical_and(at::isfinite(pt.scales).logical_not());
+      const at::Tensor first = at::where(bad.any(), bad.to(at::kInt).argmax(),
+                                         at::full({}, -1, opts));
+      flags = at::cat({info, first.to(at::kLong).view({1})});
+    }
+    const at::Tensor h = flags.cpu();  // the one synchronization
     const int64_t* hv = h.data_ptr<int64_t>();
     if (hv[0] != -1) {
       const int64_t t = hv[0];
       fail_batched_id(op, t, idc[t].item<int64_t>(), N);
     }
-    if (hv[1] != -1) {
-      const int64_t a = hv[1];
+    // The lowest flagged adapter fails, with the CPU backend's error (it checks in adapter
+    // order, metadata then scale).
+    int64_t a = hv[1];
+    const int64_t scale_bad = h.numel() > 6 ? hv[6] : -1;
+    if (scale_bad != -1 && (a == -1 || scale_bad < a)) a = scale_bad;
+    if (a != -1) {
       const at::Tensor off = pt.offsets[a].cpu();
       check_batched_adapter(op, a, off[0].item<int32_t>(), off[s.chunks].item<int32_t>(),
                             pt.value_starts[a].item<int64_t>(), pt.p.num_values,
-                            pt.dists[a].item<int32_t>());
+                            pt.dists[a].item<int32_t>(), pt.scales[a].item<float>());
       TORCH_INTERNAL_ASSERT(false, op, ": adapter ", a, " flagged on the device but not here");
     }
     g.grid = hv[2];

@@ -385,16 +385,10 @@ void launch_shrink_b(const scalar_t* gy, int64_t T, const BMask& b, const scalar
                      acc_type_t<scalar_t>* partial, cudaStream_t stream) {
   if (std::is_same_v<scalar_t, double>) tile = kSmallTile;  // shared-memory budget
   const dim3 grid(static_cast<unsigned>(ceil_div(T, tile)), static_cast<unsigned>(splits));
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (tile == kLargeTile) {
-      shrink_b_kernel<scalar_t, kLargeTile>
-          <<<grid, kThreads, 0, stream>>>(gy, T, b, values, chunks_per_split, partial);
-      LORI_LAUNCH_CHECK();
-      return;
-    }
-  }
-  shrink_b_kernel<scalar_t, kSmallTile>
-      <<<grid, kThreads, 0, stream>>>(gy, T, b, values, chunks_per_split, partial);
+  LORI_TILE_SWITCH(tile, (!std::is_same_v<scalar_t, double>), TILE, [&] {
+    shrink_b_kernel<scalar_t, TILE>
+        <<<grid, kThreads, 0, stream>>>(gy, T, b, values, chunks_per_split, partial);
+  });
   LORI_LAUNCH_CHECK();
 }
 
@@ -405,10 +399,11 @@ void launch_expand_a(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
   const dim3 grid(static_cast<unsigned>(ceil_div(in, kAColTile)),
                   static_cast<unsigned>(ceil_div(T, tile)));
   const size_t smem = static_cast<size_t>(tile) * rank * sizeof(acc_type_t<scalar_t>);
-  auto kernel = tile == kLargeTile ? &expand_a_kernel<scalar_t, kLargeTile>
-                                   : &expand_a_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
-  kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, g, rank, scale, gx);
+  LORI_TILE_SWITCH(tile, true, TILE, [&] {
+    auto kernel = &expand_a_kernel<scalar_t, TILE>;
+    raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, in, g, rank, scale, gx);
+  });
   LORI_LAUNCH_CHECK();
 }
 
@@ -442,13 +437,10 @@ bool launch_shrink_b_mma(const scalar_t* gy, int64_t T, const BMask& b, const sc
   if constexpr (kHasMma<scalar_t>) {
     if (b.rank > 64 || !mma_rows_ok(gy, b.out)) return false;
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kMmaTM)), static_cast<unsigned>(splits));
-    if (b.rank <= 32) {
-      shrink_b_mma_kernel<scalar_t, 32>
+    LORI_RANK_PAD_SWITCH(b.rank, RP, [&] {
+      shrink_b_mma_kernel<scalar_t, RP>
           <<<grid, kMmaThreads, 0, stream>>>(gy, T, b, values, chunks_per_split, partial);
-    } else {
-      shrink_b_mma_kernel<scalar_t, 64>
-          <<<grid, kMmaThreads, 0, stream>>>(gy, T, b, values, chunks_per_split, partial);
-    }
+    });
     LORI_LAUNCH_CHECK();
     return true;
   } else {
@@ -465,13 +457,10 @@ bool launch_expand_a_mma(const float* gh, int64_t T, int64_t in, const AGen& g, 
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kMmaTM)),
                     static_cast<unsigned>(ceil_div(ceil_div(in, kAColTile), tiles_per_block)));
     const float sc = static_cast<float>(scale);
-    if (rank <= 32) {
-      expand_a_mma_kernel<scalar_t, 32>
+    LORI_RANK_PAD_SWITCH(rank, RP, [&] {
+      expand_a_mma_kernel<scalar_t, RP>
           <<<grid, kMmaThreads, 0, stream>>>(gh, T, in, g, rank, sc, tiles_per_block, gx);
-    } else {
-      expand_a_mma_kernel<scalar_t, 64>
-          <<<grid, kMmaThreads, 0, stream>>>(gh, T, in, g, rank, sc, tiles_per_block, gx);
-    }
+    });
     LORI_LAUNCH_CHECK();
     return true;
   } else {
@@ -487,13 +476,10 @@ bool launch_grad_values_mma(const scalar_t* gy, const float* h, int64_t T, const
     if (b.rank > 64 || !mma_rows_ok(gy, b.out)) return false;
     const unsigned nch = static_cast<unsigned>(num_chunks(b.out));
     const dim3 grid(nch, static_cast<unsigned>(splits));
-    if (b.rank <= 32) {
-      grad_b_mma_kernel<scalar_t, 32>
+    LORI_RANK_PAD_SWITCH(b.rank, RP, [&] {
+      grad_b_mma_kernel<scalar_t, RP>
           <<<grid, kMmaThreads, 0, stream>>>(gy, h, T, b, tokens_per_split, gb_partial);
-    } else {
-      grad_b_mma_kernel<scalar_t, 64>
-          <<<grid, kMmaThreads, 0, stream>>>(gy, h, T, b, tokens_per_split, gb_partial);
-    }
+    });
     LORI_LAUNCH_CHECK();
     gather_grad_values_kernel<scalar_t><<<nch, kRowChunk, 0, stream>>>(
         gb_partial, splits, b, static_cast<float>(scale), grad_values);

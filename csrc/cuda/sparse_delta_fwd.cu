@@ -275,18 +275,10 @@ void launch_shrink_a(const scalar_t* x, int64_t T, int64_t in, const AGen& g, in
   // A 64-token tile of doubles would not fit in static shared memory: double uses 16.
   if (std::is_same_v<scalar_t, double>) tile = kSmallTile;
   const dim3 grid(static_cast<unsigned>(ceil_div(T, tile)), static_cast<unsigned>(splits));
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (tile == kLargeTile) {
-      shrink_a_kernel<scalar_t, kLargeTile>
-          <<<grid, kThreads, 0, stream>>>(x, T, in, g, rank, slice_cols, partial);
-      LORI_LAUNCH_CHECK();
-      return;
-    }
-  }
-  {
-    shrink_a_kernel<scalar_t, kSmallTile>
+  LORI_TILE_SWITCH(tile, (!std::is_same_v<scalar_t, double>), TILE, [&] {
+    shrink_a_kernel<scalar_t, TILE>
         <<<grid, kThreads, 0, stream>>>(x, T, in, g, rank, slice_cols, partial);
-  }
+  });
   LORI_LAUNCH_CHECK();
 }
 
@@ -300,13 +292,10 @@ bool launch_shrink_a_mma(const scalar_t* x, int64_t T, int64_t in, const AGen& g
       return false;
     }
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kMmaTM)), static_cast<unsigned>(splits));
-    if (rank <= 32) {
-      shrink_a_mma_kernel<scalar_t, 32>
+    LORI_RANK_PAD_SWITCH(rank, RP, [&] {
+      shrink_a_mma_kernel<scalar_t, RP>
           <<<grid, kMmaThreads, 0, stream>>>(x, T, in, g, rank, slice_cols, partial);
-    } else {
-      shrink_a_mma_kernel<scalar_t, 64>
-          <<<grid, kMmaThreads, 0, stream>>>(x, T, in, g, rank, slice_cols, partial);
-    }
+    });
     LORI_LAUNCH_CHECK();
     return true;
   } else {
@@ -321,11 +310,12 @@ void launch_expand_b(const acc_type_t<scalar_t>* partial, int splits, int64_t T,
   const dim3 grid(static_cast<unsigned>(ceil_div(T, tile)),
                   static_cast<unsigned>(ceil_div(num_chunks(b.out), chunks_per_block)));
   const size_t smem = static_cast<size_t>(tile) * b.rank * sizeof(acc_type_t<scalar_t>);
-  auto kernel = tile == kLargeTile ? &expand_b_kernel<scalar_t, kLargeTile>
-                                   : &expand_b_kernel<scalar_t, kSmallTile>;
-  raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
-  kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, b, values, scale,
-                                                chunks_per_block, y);
+  LORI_TILE_SWITCH(tile, true, TILE, [&] {
+    auto kernel = &expand_b_kernel<scalar_t, TILE>;
+    raise_dynamic_smem<acc_type_t<scalar_t>>(kernel, tile, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(partial, splits, T, b, values, scale,
+                                             chunks_per_block, y);
+  });
   LORI_LAUNCH_CHECK();
 }
 
@@ -337,13 +327,10 @@ bool launch_expand_b_mma(const float* h, int64_t T, const BMask& b, const scalar
     if (b.rank > 64) return false;
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kMmaTM)),
                     static_cast<unsigned>(ceil_div(num_chunks(b.out), chunks_per_block)));
-    if (b.rank <= 32) {
-      expand_b_mma_kernel<scalar_t, 32><<<grid, kMmaThreads, 0, stream>>>(
+    LORI_RANK_PAD_SWITCH(b.rank, RP, [&] {
+      expand_b_mma_kernel<scalar_t, RP><<<grid, kMmaThreads, 0, stream>>>(
           h, T, b, values, static_cast<float>(scale), chunks_per_block, y);
-    } else {
-      expand_b_mma_kernel<scalar_t, 64><<<grid, kMmaThreads, 0, stream>>>(
-          h, T, b, values, static_cast<float>(scale), chunks_per_block, y);
-    }
+    });
     LORI_LAUNCH_CHECK();
     return true;
   } else {
