@@ -65,10 +65,6 @@ def test_valid_calls_match_reference(op, data):
 
 def _always_pending(op, mut):
     """(op, mutation) pairs that fail on every example today, with the reason."""
-    if mut == "scale" and op in C.SINGLE_OPS:
-        return "C++ scale check pending"
-    if mut == "scales_inf":
-        return "C++ batched scales check pending"
     return None
 
 
@@ -126,7 +122,6 @@ def test_valid_edge_cases():
         _run(case, "ok")
 
 
-@pytest.mark.xfail(strict=True, reason="C++ sparse_delta_fwd h for out_features == 0 pending")
 def test_fwd_h_with_no_outputs():
     _run(_case(op="op.sparse_delta_fwd", out=0), "ok")
 
@@ -134,8 +129,7 @@ def test_fwd_h_with_no_outputs():
 @pytest.mark.parametrize("scale", [float("inf"), float("nan"), 1e39, 1e-46])
 @pytest.mark.parametrize("op", ["sparse_delta", "merge_delta_"])
 def test_bad_scale_through_triton_raises(op, scale):
-    """The Triton host checks (lori_kernels.rules) already reject it; the C++ ones are the
-    xfail cases above."""
+    """The Triton host checks (lori_kernels.rules) reject it, as the C++ ones do."""
     case = _case(op=op, backend="triton", mutation="scale",
                  bad=[float("inf"), float("-inf"), float("nan"), 1e39, -1e39, 1e-46].index(
                      scale) if scale == scale else 2)
