@@ -29,17 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from lori_kernels import LoRIConfig, LoRIModel, get_lori_model  # noqa: E402
 from lori_kernels.workflow import export_peft  # noqa: E402
 
-TARGETS = ["query", "key", "value", "dense"]
-PAIRS = [
-    ("A man is playing a guitar.", "Someone plays an acoustic guitar."),
-    ("The cat sleeps on the sofa.", "A kitten is napping on the couch."),
-    ("Stocks fell sharply on Monday.", "Markets dropped at the start of the week."),
-    ("She is cooking pasta for dinner.", "A woman prepares spaghetti in the evening."),
-    ("The train was late again.", "Once more the railway service was delayed."),
-    ("Children are playing in the park.", "Kids run around on the playground."),
-    ("He repaired the old bicycle.", "The man fixed an aging bike."),
-    ("It is raining in the city.", "Rain falls over the town today."),
-]
+from benchmarks.minilm_task import PAIRS, TARGETS  # noqa: E402
 
 
 def load_minilm():
