@@ -4,8 +4,9 @@
 
 Writes report.md, latest.csv (one line per case and provider) and the plots ratio_vs_T.png and
 batched_vs_adapters.png into DIR (default: the JSON's folder). A JSON that lacks a suite, a
-provider or the machine section is an error (--partial accepts missing suites, for runs of
-part of the suite with pytest -k).
+provider, the machine section or a self-contained bench's section (lori.serving, lori.comm:
+rendered by bench_serving.report / bench_comm.report) is an error (--partial accepts missing
+suites and sections, for runs of part of the suite with pytest -k).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import os
 import sys
 
 SUITES = ("op", "layer", "model", "batched", "a_generation")
+# Whole results of the self-contained benches, stored in the JSON's lori section by their
+# suite cases (bench_serving.test_serving, bench_comm.test_comm); each renders with its report().
+SECTIONS = ("serving", "comm")
 FLAG_NAMES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
 
 
@@ -62,7 +66,30 @@ def check(data: dict, partial: bool = False, where: str = "the JSON") -> dict:
     missing = [s for s in SUITES if s not in seen]
     if missing and not partial:
         raise ReportError(f"{where}: suites missing: {missing} (a partial run? use --partial)")
+    for sec in SECTIONS:
+        if sec in lori and not (isinstance(lori[sec], dict) and lori[sec]):
+            raise ReportError(f"{where}: lori.{sec} is empty or not a dict")
+    gone = [sec for sec in SECTIONS if sec not in lori]
+    if gone and not partial:
+        raise ReportError(f"{where}: sections missing: {gone} (a partial run? use --partial)")
     return data
+
+
+def section(data: dict, name: str) -> list[str]:
+    """A self-contained bench's section, rendered by its own report() (its tables and figures
+    live next to its measurement code); nothing when a partial run left it out."""
+    d = data["lori"].get(name)
+    if d is None:
+        return []
+    if name == "serving":
+        from . import bench_serving as mod
+
+        title = ["### Model-level multi-adapter serving (benchmarks/bench_serving.py)", ""]
+    else:
+        from . import bench_comm as mod
+
+        title = []  # its report() starts with its own heading
+    return title + mod.report(d).rstrip("\n").splitlines()
 
 
 def rows(data: dict, suite: str) -> list[dict]:
@@ -269,6 +296,10 @@ def render(data: dict, link_prefix: str = "") -> str:
     out += ["", "### Batched multi-adapter (`batched_sparse_delta`)", ""]
     out += batched_table(data)
     out += [""] + agen_table(data) + [""] + bytes_table(data)
+    for name in SECTIONS:
+        sec = section(data, name)
+        if sec:
+            out += [""] + sec
     return "\n".join(out) + "\n"
 
 

@@ -30,13 +30,14 @@ MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_thre
 
 
 def pytest_args(json_path: str, quick: bool, isa: str, threads: int | None,
-                extra: list[str]) -> list[str]:
+                extra: list[str], smoke: bool = False) -> list[str]:
     args = [HERE, "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
             f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds",
             "--benchmark-sort=fullname", "--bench-isa", isa, "-q", "-rs", "--durations=10"]
     if threads is not None:
         args += ["--bench-threads", str(threads)]
-    return args + (["--bench-quick"] if quick else []) + extra
+    return (args + (["--bench-quick"] if quick or smoke else [])
+            + (["--bench-smoke"] if smoke else []) + extra)
 
 
 def refresh_readme(md: str) -> bool:
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: every case kind, small sizes, few rounds (~1 min)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="--quick with the serving bench at an even smaller size (the smoke test)")
     ap.add_argument("--isa", default="auto",
                     help="cap lori's CPU kernels at this level (auto, avx512, avx2, generic)")
     ap.add_argument("--threads", type=int, default=None,
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     # failed nor an interrupted run leaves anything there.
     with tempfile.TemporaryDirectory(prefix="lori-bench-") as tmp:
         json_tmp = os.path.join(tmp, "latest.json")
-        rc = pytest.main(pytest_args(json_tmp, args.quick, args.isa, args.threads, args.pytest_extra))
+        rc = pytest.main(pytest_args(json_tmp, args.quick, args.isa, args.threads,
+                                     args.pytest_extra, smoke=args.smoke))
         if rc != 0:
             print(f"benchmarks.run: pytest exit status {int(rc)}; results in {args.out} left "
                   "as they were", file=sys.stderr)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     print(md)
     print(f"benchmarks.run: {len(data['benchmarks'])} cases in {time.time() - t0:.0f} s; "
           f"results in {args.out}")
-    if (not args.quick and not args.no_readme and not args.pytest_extra
+    if (not args.quick and not args.smoke and not args.no_readme and not args.pytest_extra
             and os.path.abspath(args.out) == RESULTS):
         if refresh_readme(report.render(data, link_prefix="benchmarks/results/")):
             print("benchmarks.run: README.md table refreshed")

@@ -20,9 +20,11 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     readme = os.path.join(ROOT, "README.md")
     before = open(readme).read() if os.path.exists(readme) else None
-    # ~30-40 s on a loaded 2-core machine; the timeout only stops a hung run.
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    # --smoke: --quick with the serving bench at its smallest size. ~70-90 s on a loaded
+    # 2-core machine (about 30 s of it the 2-process comm measurement); the timeout only
+    # stops a hung run.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if before is not None:
         assert open(readme).read() == before, "a quick run must not rewrite README.md"
@@ -31,7 +33,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_a_complete_report(quick_run):
     data = report.load(str(quick_run / "latest.json"))  # raises on a missing suite/provider
-    assert data["lori"]["quick"] is True
+    assert data["lori"]["quick"] is True and data["lori"]["smoke"] is True
     suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
     assert suites == set(report.SUITES)
     md = (quick_run / "report.md").read_text()
@@ -40,6 +42,15 @@ def test_quick_run_writes_a_complete_report(quick_run):
     assert "QUICK mode" in md and f"torch {m['torch']}" in md and "lori CPU path" in md
     for flag in report.FLAG_NAMES:
         assert flag in md
+    # The self-contained benches ran as suite cases and their reports are in report.md.
+    serving, comm = data["lori"]["serving"], data["lori"]["comm"]
+    assert {r["provider"] for r in serving["rows"]} == {"base", "lori_serving", "peft_mixed",
+                                                        "lori_single"}
+    assert all(r["median_us"] > 0 for r in serving["rows"])
+    assert {"adapters_per_gib", "plan_cost", "add_while_serving"} <= set(serving)
+    assert set(comm["measured"]) == {"lora", "lori_d", "lori_s"}
+    assert "### Model-level multi-adapter serving" in md and "| lori_serving |" in md
+    assert "### Bytes communicated per step" in md and "| DP gradient all-reduce |" in md
     for name in report.PLOTS:
         assert (quick_run / name).stat().st_size > 1000
     rows = (quick_run / "latest.csv").read_text().splitlines()
@@ -69,6 +80,20 @@ def test_report_rejects_incomplete_json(quick_run):
     del no_isa["benchmarks"][0]["extra_info"]["lori_isa"]
     with pytest.raises(report.ReportError, match="lori_isa"):
         report.check(no_isa)
+    headings = {"serving": "### Model-level multi-adapter serving",
+                "comm": "### Bytes communicated per step"}
+    assert set(headings) == set(report.SECTIONS)
+    for sec in report.SECTIONS:
+        assert headings[sec] in report.render(data)
+        no_sec = copy.deepcopy(data)
+        del no_sec["lori"][sec]
+        with pytest.raises(report.ReportError, match="sections missing"):
+            report.check(no_sec)
+        report.check(no_sec, partial=True)
+        assert headings[sec] not in report.render(no_sec)
+        no_sec["lori"][sec] = {}
+        with pytest.raises(report.ReportError, match=f"lori.{sec} is empty"):
+            report.check(no_sec, partial=True)
     no_machine = copy.deepcopy(data)
     del no_machine["lori"]
     with pytest.raises(report.ReportError, match="machine"):
