@@ -21,7 +21,7 @@ Reported per adapter (LoRI-S after the switch; PEFT LoRA): trainable parameters,
 bytes (the optimizer Trainer holds at the end), adapter directory bytes (save_model /
 save_pretrained, fp32), median step time per phase (wall time from on_step_begin to
 on_step_end, the first step of each phase dropped), final loss (the last logged training
-loss). With --runs N each figure is printed as min / median / max over N runs; run i uses
+loss, and the one at the end of LoRI-D). With --runs N each figure is printed as min / median / max over N runs; run i uses
 Trainer seed i (data order, PEFT's A initialisation) and LoRI seed 2025 + i.
 
     HF_HUB_OFFLINE=1 .venv/bin/python examples/minilm_trainer.py [--steps 20 --runs 3]
@@ -143,8 +143,8 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def final_loss(trainer) -> float:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
+def logged_loss(trainer, step: int) -> float:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}[step]
 
 
 def one_run(args, load, tok, run: int, tmp: str) -> dict:
@@ -180,7 +180,8 @@ def one_run(args, load, tok, run: int, tmp: str) -> dict:
                      "dir": dir_bytes(d),
                      "ms_d": median_ms(timer.times, 1, args.dense_steps),
                      "ms_s": median_ms(timer.times, args.dense_steps + 1, args.steps),
-                     "loss": final_loss(t)}
+                     "loss_d": logged_loss(t, args.dense_steps),
+                     "loss": logged_loss(t, args.steps)}
 
     torch.manual_seed(run)  # PEFT draws A from the global generator
     lora = peft.get_peft_model(load(), peft.LoraConfig(r=args.rank, lora_alpha=args.alpha,
@@ -198,7 +199,8 @@ def one_run(args, load, tok, run: int, tmp: str) -> dict:
                         "dir": dir_bytes(d),
                         "ms_d": median_ms(timer.times, 1, args.dense_steps),
                         "ms_s": median_ms(timer.times, args.dense_steps + 1, args.steps),
-                        "loss": final_loss(p)}
+                        "loss_d": logged_loss(p, args.dense_steps),
+                        "loss": logged_loss(p, args.steps)}
     return row
 
 
@@ -256,14 +258,17 @@ def main(argv=None):
               ("step ms, steps 2..%d" % args.dense_steps, "ms_d", lambda v: f"{v:.1f}"),
               ("step ms, steps %d..%d" % (args.dense_steps + 2, args.steps), "ms_s",
                lambda v: f"{v:.1f}"),
-              ("final loss", "loss", lambda v: f"{v:.4f}")]
-    w = 36 if args.runs > 1 else 22
+              ("loss at step %d" % args.dense_steps, "loss_d", lambda v: f"{v:.4f}"),
+              ("final loss (step %d)" % args.steps, "loss", lambda v: f"{v:.4f}")]
+    w = 40 if args.runs > 1 else 22
     print(f"\n{'':28}{'LoRI (LoRITrainer)':>{w}}{'PEFT LoRA (Trainer)':>{w}}")
     for label, key, fmt in fields:
         cells = [spread([r[name][key] for r in rows], fmt) for name in ("LoRI-S", "PEFT LoRA")]
         print(f"{label:28}{cells[0]:>{w}}{cells[1]:>{w}}")
-    print("  LoRI rows: trainable / AdamW state / directory of LoRI-S after the switch; step "
-          "ms rows: LoRI-D then LoRI-S (PEFT LoRA: the same step ranges)")
+    print("  LoRI: trainable / AdamW state / directory of LoRI-S after the switch; the first "
+          "step-ms and loss rows are LoRI-D (calibrate re-initialises B on the mask to zero, "
+          "as the LoRI recipe, so LoRI-S starts again from the base model's loss); PEFT LoRA: "
+          "the same steps")
     return rows
 
 
