@@ -5,6 +5,12 @@ merge, with a PEFT LoRA baseline timed in the same process. Prints:
 trainable parameters and optimizer-state bytes (LoRI-S vs LoRA, MiniLM and Llama-3-8B shapes),
 adapter file bytes (ours vs PEFT, both bf16), training step time (LoRI-D, LoRI-S, PEFT LoRA).
 
+The step times here come from one short loop per adapter, run one after the other, so they
+move with the machine's load and the order; treat them as a smoke figure. For step times see
+benchmarks/model_vs_peft.py (LoRI and PEFT steps interleaved, median and p20/p80) and, through
+transformers.Trainer with both LoRI phases in one train(), examples/minilm_trainer.py
+(--runs N prints min / median / max).
+
     HF_HUB_OFFLINE=1 .venv/bin/python examples/minilm_workflow.py [--steps 8 --batch 16]
 """
 from __future__ import annotations
