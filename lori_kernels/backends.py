@@ -62,19 +62,16 @@ def use_backend(backend: str | None):
 
 def _triton_runnable(device: torch.device | None) -> None:
     global _triton_checked
-    if not _triton_checked:
-        from . import triton as lt  # registers the triton_* kernels (below this module)
+    from . import triton as lt  # registers the triton_* kernels (below this module)
 
+    if not _triton_checked:
         if not lt.available():
             raise RuntimeError("backend='triton' but the Triton kernels are unavailable: "
                                f"{lt.import_error or 'no CUDA device and TRITON_INTERPRET unset'}")
         _triton_checked = True
-    if device is not None and device.type != "cuda":
-        from . import triton as lt
-
-        if not lt.interpreted():
-            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                               "before lori_kernels.triton is imported, for CPU tensors)")
+    if device is not None and device.type != "cuda" and not lt.interpreted():
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                           "before lori_kernels.triton is imported, for CPU tensors)")
 
 
 def resolve(backend: str | None, device: torch.device) -> str:

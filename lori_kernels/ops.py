@@ -168,11 +168,3 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
         values = values.to(x.dtype)
     return _batched_sparse_delta(x, ids.reshape(-1), masks, values, starts, offsets, seeds,
                                  scales, dists, rank, base, backend)
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """'cpp' or 'triton' for a call on `device` (lori_kernels.backends.resolve)."""
-    return backends.resolve(backend, device)
-
-
-BACKENDS = backends.BACKENDS

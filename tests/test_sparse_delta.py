@@ -361,12 +361,12 @@ def test_python_wrapper_errors():
 # ---- backend choice -------------------------------------------------------------------------
 
 def test_backend_selection(monkeypatch):
-    from lori_kernels import ops
+    from lori_kernels import backends
     g = _gen(6)
     x = torch.randn(5, 70, generator=g)
     b = random_packed(30, 8, generator=g)
-    assert ops.resolve_backend(None, x.device) == "cpp"
-    assert ops.resolve_backend("auto", x.device) == "cpp"
+    assert backends.resolve(None, x.device) == "cpp"
+    assert backends.resolve("auto", x.device) == "cpp"
     with pytest.raises(ValueError, match="backend must be one of"):
         L.sparse_delta(x, b, seed=1, backend="cuda")
     with pytest.raises(ValueError, match="set_backend"):
