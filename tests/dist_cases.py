@@ -374,3 +374,12 @@ def fsdp_dcp(rank, world):
 
 
 CASES["fsdp_dcp"] = fsdp_dcp
+
+
+def fsdp_all(rank, world):
+    """Both FSDP2 cases in one spawn: starting the 2 processes (importing torch twice) is most
+    of the cost on a busy machine."""
+    return {"workflow": fsdp_workflow(rank, world), "dcp": fsdp_dcp(rank, world)}
+
+
+CASES["fsdp_all"] = fsdp_all
