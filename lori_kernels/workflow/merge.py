@@ -49,6 +49,7 @@ def _unmerge_layer(layer) -> None:
 def merge(model: nn.Module, progress: bool = False) -> nn.Module:
     """Fold every LoRI layer's active combination into its base weight, in place
     (the merge_delta_ op: A generated per tile, never whole). Forward is then base only.
+
     Under FSDP2 (W sharded by rows as a DTensor) each rank adds the delta to its own rows;
     every rank must call it (B's values are gathered, out x rank each)."""
     for layer in progress_bar(list(lori_layers(model).values()), desc="merge",
