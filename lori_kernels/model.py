@@ -98,6 +98,8 @@ def _fingerprint(layer: nn.Module) -> list[float] | None:
     if w.is_meta:
         return None
     w = w.detach()
+    if hasattr(w, "full_tensor"):  # FSDP2 / DTensor shard: the whole weight's numbers
+        w = w.full_tensor()
     if is_adaptable(layer) and not isinstance(layer, nn.Linear):  # Conv1D: (in, out)
         w = w.T
     w = w.double()
@@ -606,25 +608,40 @@ class LoRIModel(nn.Module):
                                  "merge_and_unload it")
             if n not in self.peft_config:
                 raise ValueError(f"no adapter {n!r} (adapters: {list(self.peft_config)})")
+        # Under FSDP2 every rank gathers (in one order), rank 0 alone writes, and every
+        # rank returns or raises alike (lori_kernels.distributed.fsdp.on_rank0).
+        fsdp = _io._sharded(self.base_model)
         for n in names:
             out = os.fspath(save_directory) if n == "default" else os.path.join(
                 save_directory, n)
-            os.makedirs(out, exist_ok=True)
+            if fsdp is None:
+                os.makedirs(out, exist_ok=True)
             _io.save_adapter(self.base_model, os.path.join(out, _io.WEIGHTS_NAME), n,
                              dtype=dtype)
-            self.peft_config[n].save_pretrained(out, extra=self._record(n))
+            record = self._record(n)
             tensors = {}
             for mname, m in _modules_to_save(self.base_model).items():
                 if n in m.modules_to_save:
                     for k, v in m.modules_to_save[n].state_dict().items():
-                        tensors[f"{mname}.{k}"] = v.detach().cpu().contiguous()
-            path = os.path.join(out, MODULES_TO_SAVE_NAME)
-            if tensors:
-                from safetensors.torch import save_file
+                        v = v.detach()
+                        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+                        tensors[f"{mname}.{k}"] = v.cpu().contiguous()
 
-                save_file(tensors, path, metadata={"format": "pt"})
-            elif os.path.exists(path):
-                os.remove(path)
+            def write(out=out, n=n, record=record, tensors=tensors):
+                os.makedirs(out, exist_ok=True)
+                self.peft_config[n].save_pretrained(out, extra=record)
+                path = os.path.join(out, MODULES_TO_SAVE_NAME)
+                if tensors:
+                    from safetensors.torch import save_file
+
+                    save_file(tensors, path, metadata={"format": "pt"})
+                elif os.path.exists(path):
+                    os.remove(path)
+
+            if fsdp is None:
+                write()
+            else:
+                fsdp.on_rank0(write, f"save_pretrained({os.fspath(save_directory)!r})")
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,

@@ -25,17 +25,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def spawn(case, tmp_path):
+def spawn(case, tmp_path, deadline_s: float = 80):
     ctx = mp.start_processes(dist_cases.run, args=(WORLD, _free_port(), str(tmp_path), case),
                              nprocs=WORLD, join=False, start_method="spawn")
     # Bounded: a hang (a rank left in a collective) fails the test instead of blocking CI.
     import time
-    deadline = time.monotonic() + 80
+    deadline = time.monotonic() + deadline_s
     while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"{case}: the ranks did not finish within 80 s (a hang)")
+            pytest.fail(f"{case}: the ranks did not finish within {deadline_s:g} s (a hang)")
     return [torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

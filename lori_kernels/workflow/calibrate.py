@@ -36,6 +36,25 @@ def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(x, x.numel() - k + 1).values
 
 
+def _warn_zero(members) -> None:
+    warnings.warn(f"calibrate_masks: B is all zeros in {members[:3]}...: was LoRI-D "
+                  "trained? the mask keeps everything there", stacklevel=3)
+
+
+def _sharded_adapters(model: nn.Module, layers: dict, adapter_name: str, switch: str):
+    """(names of the layers whose adapter is FSDP2-sharded, the sharded calibration) — an
+    empty set outside torch.distributed. With `switch` (the caller would switch phase), a
+    sharded adapter raises ShardedSwitchError before anything is computed or changed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return set(), None
+    from ..distributed import fsdp
+
+    ads = {n: l.adapters[adapter_name] for n, l in layers.items()}
+    if switch:
+        fsdp.check_switchable(model, ads, switch)
+    return {n for n, ad in ads.items() if fsdp.is_dtensor(ad.values)}, fsdp.group_masks
+
+
 @torch.no_grad()
 def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "global", *,
                     adapter_name: str = DEFAULT_ADAPTER, init: str = "zero", apply: bool = True,
@@ -60,6 +79,8 @@ def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "globa
         if l.adapters[adapter_name].phase != "dense":
             raise ValueError(f"{n}: adapter {adapter_name!r} is already sparse (calibrate after "
                              "LoRI-D)")
+    sharded, sharded_masks = _sharded_adapters(model, layers, adapter_name,
+                                               "calibrate_masks(apply=True)" if apply else "")
     show = len(layers) >= _PROGRESS_MIN_LAYERS if progress is None else progress
     groups: dict[str, list[str]] = defaultdict(list)
     for n in layers:
@@ -67,11 +88,17 @@ def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "globa
     masks = {}
     for members in progress_bar(groups.values(), desc=f"calibrate ({scope})", disable=not show,
                         unit="group"):
+        if sharded.intersection(members):  # FSDP2: exact threshold over the local shards
+            got, all_zero = sharded_masks({n: layers[n].adapters[adapter_name]
+                                           for n in members}, sparsity)
+            masks.update(got)
+            if all_zero:
+                _warn_zero(members)
+            continue
         mags = [layers[n].adapters[adapter_name].dense_b().float().abs() for n in members]
         flat = torch.cat([m.flatten() for m in mags])
         if not flat.any():
-            warnings.warn(f"calibrate_masks: B is all zeros in {members[:3]}...: was LoRI-D "
-                          "trained? the mask keeps everything there", stacklevel=2)
+            _warn_zero(members)
         k = max(1, int((1.0 - sparsity) * flat.numel()))
         threshold = _kth_largest(flat, k)
         for n, m in zip(members, mags):
@@ -102,6 +129,8 @@ def to_sparse(model: nn.Module, masks: dict[str, torch.Tensor], *,
                              f"{ad.rank}), got {getattr(mask, 'dtype', type(mask).__name__)} "
                              f"{tuple(getattr(mask, 'shape', ()))}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # FSDP2 would keep gathering its copy of the old values: refuse, nothing changed.
+        _sharded_adapters(model, {n: layers[n] for n in masks}, adapter_name, "to_sparse")
         # A DDP wrapper built before this switch would stop all-reducing: make it raise.
         from ..distributed.ddp import install_stale_ddp_check
 

@@ -80,11 +80,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                  *, dtype: torch.dtype | None = None, progress: bool = False) -> int:
     """Write `adapter_name` (default: the model's only adapter) of every LoRI layer to `path`
     (safetensors). `dtype`: store the values in this dtype (e.g. torch.bfloat16; default: as
-    trained). Returns the file's bytes."""
+    trained). Returns the file's bytes.
+
+    Under FSDP2 (sharded values) every rank must call it: the values are gathered, rank 0
+    writes, every rank returns the same byte count, and an error on rank 0 is raised on every
+    rank."""
     adapter_name = resolve_adapter(model, adapter_name)
     path = adapter_file(path)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fsdp = _sharded(model)
 
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
@@ -95,7 +98,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             continue
         ad = layer.adapters[adapter_name]
         name = canonical_name(model, name)  # the plain model's name, whatever wraps it
-        vals = ad.values.detach()
+        # FSDP2: the whole values (a collective; every rank walks the layers in one order)
+        vals = fsdp.full(ad.values.detach()) if fsdp else ad.values.detach()
         if dtype is not None:
             vals = vals.to(dtype)
         tensors[f"{name}.mask"] = _bits_from_words(ad.mask.detach(), ad.rank)
@@ -120,7 +124,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         "a_spec_version": spec.A_SPEC_VERSION, "b_spec_version": spec.B_SPEC_VERSION,
         "target_modules": list(layers_meta), "layers": layers_meta,
     }
-    return write_adapter_file(path, meta, tensors)
+
+    def write():
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return write_adapter_file(path, meta, tensors)
+
+    if fsdp:  # one writer; every rank returns its bytes or raises its error
+        return fsdp.on_rank0(write, f"save_adapter({path!r})")
+    return write()
+
+
+def _sharded(model: nn.Module):
+    """lori_kernels.distributed.fsdp when `model` holds FSDP2-sharded LoRI layers, else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from ..distributed import fsdp
+
+    return fsdp if fsdp.model_sharded(model) else None
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from .inject import _set_submodule, lori_layers, progress_bar
@@ -11,12 +12,49 @@ from .inject import _set_submodule, lori_layers, progress_bar
 COMBINATIONS = ("cat", "linear")
 
 
+def _fsdp():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from ..distributed import fsdp
+
+    return fsdp
+
+
+def _sharded_base(layer) -> bool:
+    fsdp = _fsdp()
+    return fsdp is not None and (fsdp.is_dtensor(layer.base.weight) or
+                                 fsdp.fsdp_managed(layer.base))
+
+
+def _merge_layer(layer) -> None:
+    """layer.merge(), or under FSDP2 (W sharded by rows) the delta added to each rank's own
+    rows of W: every rank must call it, in the same layer order."""
+    if not _sharded_base(layer):
+        layer.merge()
+        return
+    if layer.merged_terms:
+        raise RuntimeError("LoRILinear is already merged")
+    _fsdp().apply_terms_sharded(layer, layer.terms, 1.0)
+    layer.merged_terms = layer.terms
+
+
+def _unmerge_layer(layer) -> None:
+    if not _sharded_base(layer):
+        layer.unmerge()
+        return
+    _fsdp().apply_terms_sharded(layer, tuple(reversed(layer.merged_terms)), -1.0)
+    layer.merged_terms = ()
+
+
 def merge(model: nn.Module, progress: bool = False) -> nn.Module:
     """Fold every LoRI layer's active combination into its base weight, in place
-    (the merge_delta_ op: A generated per tile, never whole). Forward is then base only."""
+    (the merge_delta_ op: A generated per tile, never whole). Forward is then base only.
+
+    Under FSDP2 (W sharded by rows as a DTensor) each rank adds the delta to its own rows;
+    every rank must call it (B's values are gathered, out x rank each)."""
     for layer in progress_bar(list(lori_layers(model).values()), desc="merge",
                               disable=not progress):
-        layer.merge()
+        _merge_layer(layer)
     return model
 
 
@@ -27,7 +65,7 @@ def merge_and_unload(model: nn.Module, progress: bool = False) -> nn.Module:
     for name, layer in progress_bar(list(lori_layers(model).items()), desc="merge",
                                     disable=not progress):
         if not layer.merged:
-            layer.merge()
+            _merge_layer(layer)
         _set_submodule(model, name, layer.base)
     return model
 
@@ -37,7 +75,7 @@ def unmerge(model: nn.Module, progress: bool = False) -> nn.Module:
     for layer in progress_bar(list(lori_layers(model).values()), desc="unmerge",
                               disable=not progress):
         if layer.merged:
-            layer.unmerge()
+            _unmerge_layer(layer)
     return model
 
 
