@@ -4,7 +4,12 @@
 
 #include <c10/util/Exception.h>
 
+#include <ATen/ATen.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
+#include <vector>
 
 #include "lori/bitmask.h"
 #include "lori/philox.h"
@@ -90,6 +95,103 @@ void fail_batched_id(const char* op, int64_t t, int64_t id, int64_t n) {
   TORCH_CHECK_VALUE(false, op, ": adapter_ids[", t, "] = ", id,
                     " is out of range for a pool of ", n, " adapters (valid: -1 for none, 0..",
                     n - 1, ")");
+}
+
+BatchedPlan check_batched_plan(const char* op, const std::optional<at::Tensor>& order,
+                               const std::optional<at::Tensor>& starts,
+                               const std::optional<at::Tensor>& adapters, const at::Tensor& x,
+                               const BatchedShape& s) {
+  const bool o = order.has_value() && order->defined();
+  const bool st = starts.has_value() && starts->defined();
+  const bool a = adapters.has_value() && adapters->defined();
+  BatchedPlan p;
+  if (!o && !st && !a) return p;
+  TORCH_CHECK_VALUE(o && st && a, op,
+                    ": plan_order, plan_starts and plan_adapters go together (give all three "
+                    "or none)");
+  const char* hint = "; build the plan on x's device (AdapterPool.plan)";
+  check_same_device(op, "plan_order", *order, x, hint);
+  check_same_device(op, "plan_starts", *starts, x, hint);
+  check_same_device(op, "plan_adapters", *adapters, x, hint);
+  check_dtype(op, "plan_order", *order, at::kInt);
+  check_dtype(op, "plan_starts", *starts, at::kInt);
+  check_dtype(op, "plan_adapters", *adapters, at::kInt);
+  TORCH_CHECK_VALUE(order->dim() == 1 && order->size(0) == s.tokens, op,
+                    ": plan_order must have shape (", s.tokens, ",) (one entry per token of x), "
+                    "got ", order->sizes());
+  TORCH_CHECK_VALUE(adapters->dim() == 1, op, ": plan_adapters must be 1-D, got ",
+                    adapters->sizes());
+  const int64_t G = adapters->size(0);
+  TORCH_CHECK_VALUE(starts->dim() == 1 && starts->size(0) == G + 1, op,
+                    ": plan_starts must have shape (", G + 1, ",) (one more than plan_adapters), "
+                    "got ", starts->sizes());
+  p.order = *order;
+  p.starts = *starts;
+  p.adapters = *adapters;
+  p.given = true;
+  return p;
+}
+
+void check_plan_bounds(const char* op, const int32_t* starts, const int32_t* adapters,
+                       int64_t G, int64_t T, int64_t N) {
+  TORCH_CHECK_VALUE(starts[0] == 0 && starts[G] == T, op,
+                    ": plan_starts must run from 0 to the token count ", T, ", got ", starts[0],
+                    " .. ", starts[G]);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK_VALUE(starts[g] < starts[g + 1], op,
+                      ": plan_starts must be strictly increasing (no empty group), got "
+                      "plan_starts[", g, "] = ", starts[g], " and plan_starts[", g + 1, "] = ",
+                      starts[g + 1]);
+    TORCH_CHECK_VALUE(adapters[g] >= -1 && adapters[g] < N, op, ": plan_adapters[", g, "] = ",
+                      adapters[g], " is out of range for a pool of ", N,
+                      " adapters (valid: -1 for none, 0..", N - 1, ")");
+    TORCH_CHECK_VALUE(g == 0 || adapters[g - 1] < adapters[g], op,
+                      ": plan_adapters must be strictly increasing (one group per adapter), got "
+                      "plan_adapters[", g - 1, "] = ", adapters[g - 1], " and plan_adapters[", g,
+                      "] = ", adapters[g]);
+  }
+}
+
+void verify_batched_plan(const char* op, const at::Tensor& ids, const BatchedPlan& plan,
+                         int64_t N) {
+  const at::Tensor id = ids.cpu().to(at::kLong).contiguous();
+  const at::Tensor order = plan.order.cpu().contiguous();
+  const at::Tensor starts = plan.starts.cpu().contiguous();
+  const at::Tensor adapters = plan.adapters.cpu().contiguous();
+  const int64_t T = id.numel(), G = adapters.numel();
+  const int64_t* idp = id.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    if (idp[t] < -1 || idp[t] >= N) fail_batched_id(op, t, idp[t], N);
+  }
+  const int32_t* op_ = order.data_ptr<int32_t>();
+  const int32_t* sp = starts.data_ptr<int32_t>();
+  const int32_t* ap = adapters.data_ptr<int32_t>();
+  check_plan_bounds(op, sp, ap, G, T, N);
+  std::vector<char> seen(static_cast<size_t>(T), 0);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t p = sp[g]; p < sp[g + 1]; ++p) {
+      const int64_t t = op_[p];
+      TORCH_CHECK_VALUE(t >= 0 && t < T && !seen[t], op, ": plan_order is not a permutation of "
+                        "the ", T, " tokens (plan_order[", p, "] = ", t, ")");
+      seen[t] = 1;
+      TORCH_CHECK_VALUE(idp[t] == ap[g], op, ": the plan does not match adapter_ids: token ",
+                        t, " (plan_order[", p, "]) is in the group of adapter ", ap[g],
+                        " but adapter_ids[", t, "] = ", idp[t]);
+      TORCH_CHECK_VALUE(p == sp[g] || op_[p - 1] < t, op,
+                        ": plan_order is not a stable sort of adapter_ids (plan_order[", p - 1,
+                        "] = ", op_[p - 1], " before plan_order[", p, "] = ", t,
+                        " in one group)");
+    }
+  }
+}
+
+int validation_level() {
+  const char* env = std::getenv("LORI_VALIDATE");
+  if (env == nullptr) return 1;
+  const std::string_view v(env);
+  if (v == "0" || v == "off") return 0;
+  if (v == "full") return 2;
+  return 1;
 }
 
 }  // namespace lori

@@ -101,26 +101,39 @@ TORCH_LIBRARY(lori, m) {
   // offsets[a]) with offsets relative to the adapter's value start. x (..., in_features),
   // adapter_ids (T,) int32/int64 with T = x.numel() / in_features. `base` (x's dtype, shape
   // (..., out_features)) is the accumulate form: y = base + delta, rounded once.
+  // The plan (all three or none; int32, on x's device), the tokens grouped by adapter once per
+  // step instead of once per layer call:
+  //   plan_order (T,)        stable argsort of adapter_ids (-1 tokens first)
+  //   plan_starts (G + 1,)   group g = plan_order[starts[g], starts[g + 1]); 0 .. T, increasing
+  //   plan_adapters (G,)     group g's id, strictly increasing, in [-1, N)
+  // Given, the kernels use it and neither group nor check the ids; LORI_VALIDATE=full checks
+  // it against adapter_ids (raises on any disagreement), "on" trusts it (AdapterPool.plan
+  // builds it from the ids it validated) and checks only its bounds where a kernel needs them.
   m.def(
       "batched_sparse_delta(Tensor x, Tensor adapter_ids, Tensor masks, Tensor values, "
       "Tensor value_starts, Tensor offsets, Tensor seeds, Tensor scales, "
-      "Tensor distributions, int rank, Tensor? base=None) -> Tensor");
+      "Tensor distributions, int rank, Tensor? base=None, Tensor? plan_order=None, "
+      "Tensor? plan_starts=None, Tensor? plan_adapters=None) -> Tensor");
   // (grad_x, grad_values) of the delta; grad_values covers the whole values buffer (0 off
-  // the used adapters). Each is an empty tensor when its need_* flag is false.
+  // the used adapters). Each is an empty tensor when its need_* flag is false. The plan as in
+  // the forward.
   m.def(
       "batched_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor adapter_ids, "
       "Tensor masks, Tensor values, Tensor value_starts, Tensor offsets, Tensor seeds, "
-      "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values) "
+      "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values, "
+      "Tensor? plan_order=None, Tensor? plan_starts=None, Tensor? plan_adapters=None) "
       "-> (Tensor, Tensor)");
   // Triton backend of the two batched ops (same semantics; lori_kernels/triton).
   m.def(
       "triton_batched_sparse_delta(Tensor x, Tensor adapter_ids, Tensor masks, Tensor values, "
       "Tensor value_starts, Tensor offsets, Tensor seeds, Tensor scales, "
-      "Tensor distributions, int rank, Tensor? base=None) -> Tensor");
+      "Tensor distributions, int rank, Tensor? base=None, Tensor? plan_order=None, "
+      "Tensor? plan_starts=None, Tensor? plan_adapters=None) -> Tensor");
   m.def(
       "triton_batched_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor adapter_ids, "
       "Tensor masks, Tensor values, Tensor value_starts, Tensor offsets, Tensor seeds, "
-      "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values) "
+      "Tensor scales, Tensor distributions, int rank, bool need_x, bool need_values, "
+      "Tensor? plan_order=None, Tensor? plan_starts=None, Tensor? plan_adapters=None) "
       "-> (Tensor, Tensor)");
   // ---- end of batched multi-adapter ops ----------------------------------------------
   // Philox4x32-10 blocks for int32 counters (N, 4) under a 64-bit seed: the spec's RNG

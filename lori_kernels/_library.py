@@ -71,9 +71,10 @@ def _register_batched(prefix: str) -> None:
 
     @torch.library.register_fake(f"lori::{op}")
     def _fwd(x, adapter_ids, masks, values, value_starts, offsets, seeds, scales, distributions,
-             rank, base=None):
+             rank, base=None, plan_order=None, plan_starts=None, plan_adapters=None):
         rules.batched(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
                       distributions, rank)
+        rules.batched_plan(op, x, plan_order, plan_starts, plan_adapters)
         if base is not None:
             rules.like_output(op, "base", base, x, masks.shape[1])
         return x.new_empty((*x.shape[:-1], masks.shape[1]))
@@ -82,10 +83,12 @@ def _register_batched(prefix: str) -> None:
 
     @torch.library.register_fake(f"lori::{bop}")
     def _bwd(grad_y, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
-             distributions, rank, need_x, need_values):
+             distributions, rank, need_x, need_values, plan_order=None, plan_starts=None,
+             plan_adapters=None):
         rules.batched(bop, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
                       distributions, rank)
         rules.like_output(bop, "grad_y", grad_y, x, masks.shape[1])
+        rules.batched_plan(bop, x, plan_order, plan_starts, plan_adapters)
         return _grads(x, values, need_x, need_values)
 
 

@@ -37,10 +37,16 @@ def _merge_delta_(weight, mask, values, offsets, rank: int, seed_op: int, distri
 
 
 def _batched_sparse_delta(x, ids, masks, values, value_starts, offsets, seeds, scales,
-                          distributions, rank: int, base=None,
-                          backend: str | None = None) -> torch.Tensor:
-    return _BATCHED[backends.resolve(backend, x.device)](
-        x, ids, masks, values, value_starts, offsets, seeds, scales, distributions, rank, base)
+                          distributions, rank: int, base=None, backend: str | None = None,
+                          plan=None) -> torch.Tensor:
+    """plan: None or (plan_order, plan_starts, plan_adapters) of these ids (PoolPlan.op_inputs),
+    trusted under validation "on" (the op schema's comment)."""
+    op = _BATCHED[backends.resolve(backend, x.device)]
+    if plan is None:
+        return op(x, ids, masks, values, value_starts, offsets, seeds, scales, distributions,
+                  rank, base)
+    return op(x, ids, masks, values, value_starts, offsets, seeds, scales, distributions, rank,
+              base, *plan)
 
 
 def sparse_delta_fwd(x, mask, values, offsets, rank, seed_op, distribution, scale):
@@ -152,9 +158,11 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
     pool.values must be in x's dtype, else it is converted on every call.
     backend: None/'auto'/'cpp'/'triton' (lori_kernels.backends). Ids and used adapters'
     extents are checked on the device with one host sync per call unless validation is off
-    (lori_kernels.backends.set_validation).
+    (lori_kernels.backends.set_validation) or a plan's grouping is handed in (below).
 
-    `pool` is an AdapterPool, or any object with its `op_args()`, `ids()` and `in_features`.
+    `pool` is an AdapterPool, or any object with its `op_args()`, `ids()` and `in_features`;
+    or a PoolPlan (pool.plan(...)) with adapter_ids its own `plan.ids`: then the plan's
+    grouping of the tokens is handed to the op too (no grouping, no id check per call).
     """
     op_args = getattr(pool, "op_args", None)
     if op_args is None or not hasattr(pool, "in_features"):
@@ -162,9 +170,15 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,
     if x.shape[-1] != pool.in_features:
         raise ValueError(f"x has {x.shape[-1]} features but the pool's adapters take "
                          f"in_features={pool.in_features}")
-    ids = adapter_ids if isinstance(adapter_ids, torch.Tensor) else pool.ids(adapter_ids)
+    plan = None
+    op_inputs = getattr(pool, "op_inputs", None)
+    if op_inputs is not None and adapter_ids is pool.ids:
+        # the plan's own ids: its grouping is theirs (any other ids tensor is grouped by the op)
+        ids, plan = op_inputs(x, pool.snapshot)
+    else:
+        ids = adapter_ids if isinstance(adapter_ids, torch.Tensor) else pool.ids(adapter_ids)
     masks, values, starts, offsets, seeds, scales, dists, rank = op_args()
     if values.dtype != x.dtype:
         values = values.to(x.dtype)
     return _batched_sparse_delta(x, ids.reshape(-1), masks, values, starts, offsets, seeds,
-                                 scales, dists, rank, base, backend)
+                                 scales, dists, rank, base, backend, plan)

@@ -32,6 +32,10 @@ references to each snapshot's own offsets tensor, so a held plan, snapshot or op
 all count). With no reader holding an old snapshot (e.g. a pool that is not serving) this
 happens inside remove() itself.
 
+A plan also carries the tokens' grouping by adapter in the batched op's plan form
+(PoolPlan.op_inputs; docs/architecture.md, "The batched plan"): built once per step from the
+ids the plan validated, it lets every layer's op call skip grouping and id checks.
+
 Ids and stale ids
 -----------------
 Ids are slot indices. `add()` returns a SlotId: an int (the slot) carrying the slot's
@@ -67,7 +71,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from . import rules, spec
+from . import reference, rules, spec
 from .packing import PackedB, validate_packed
 
 _META_BYTES = 8 + 8 + 4 + 4  # value_start, seed, scale, distribution per slot
@@ -130,12 +134,11 @@ class PoolSnapshot:
         if isinstance(adapters, torch.Tensor):
             if adapters.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"adapter ids must be an int32/int64 tensor, got {adapters.dtype}")
-            flat = adapters.reshape(-1)
-            self.resolve(flat.tolist())  # every id live (or -1) in this snapshot
-            ids = flat.to(device=self.masks.device, dtype=torch.int32)
+            slots = self.resolve(adapters.reshape(-1).tolist())  # every id live (or -1) here
         else:
-            ids = torch.tensor(self.resolve(adapters), dtype=torch.int32, device=self.masks.device)
-        return PoolPlan(ids, {self.pool_key: self}, single=self)
+            slots = self.resolve(adapters)
+        return PoolPlan(None, {self.pool_key: self}, single=self,
+                        host_ids=torch.tensor(slots, dtype=torch.int32), device=self.masks.device)
 
     def op_args(self) -> tuple:
         return (self.masks, self.values, self.value_starts, self.offsets, self.seeds,
@@ -175,20 +178,43 @@ class PoolPlan:
     ids: int32, one per token or one per sequence (expanded per call shape, cached).
     A PoolPlan also serves as the `pool` argument of batched_sparse_delta:
         batched_sparse_delta(x, plan.ids, plan)    # reads the plan's snapshot
+
+    op_inputs(x) gives the batched op's ids and its plan tensors (plan_order, plan_starts,
+    plan_adapters: the tokens grouped by adapter, reference.batched_plan's form) for x's token
+    count, built once per step on the host from the ids this plan holds and moved to the
+    pools' device in one copy, then handed to every layer: the op neither groups nor checks
+    the ids per layer. The plan owns these tensors (nothing else can hand them in), which is
+    why validation "on" may trust them; an op called with plan tensors made elsewhere trusts
+    them too, and only validation "full" checks them against the ids.
     """
-    __slots__ = ("ids", "_snaps", "_expanded", "_single")
+    __slots__ = ("_ids", "_host", "_device", "_snaps", "_expanded", "_single", "_inputs")
 
     def __init__(self, ids: torch.Tensor | None, snapshots: Mapping[int, PoolSnapshot],
-                 single: PoolSnapshot | None = None):
-        self.ids = ids
+                 single: PoolSnapshot | None = None, *, host_ids: torch.Tensor | None = None,
+                 device: torch.device | str | None = None):
+        """ids: on the pools' device; or host_ids (a CPU int32 tensor) and that device, then
+        ids is made on first use and op_inputs costs one host-to-device copy per step."""
+        if host_ids is not None:
+            host_ids = host_ids.reshape(-1).to(torch.int32)
+        self._ids = ids
+        self._host = host_ids
+        self._device = torch.device(device) if device is not None else (
+            ids.device if ids is not None else torch.device("cpu"))
         self._snaps = snapshots
         self._expanded: dict = {}
         self._single = single
+        self._inputs: dict = {}
+
+    @property
+    def ids(self) -> torch.Tensor | None:
+        if self._ids is None and self._host is not None:
+            self._ids = self._host.to(self._device)
+        return self._ids
 
     @property
     def is_base(self) -> bool:
         """True for the plan "no adapter anywhere" (ids None): layers compute base(x) only."""
-        return self.ids is None
+        return self._ids is None and self._host is None
 
     def snapshot_for(self, pool: "AdapterPool") -> PoolSnapshot:
         try:
@@ -210,6 +236,16 @@ class PoolPlan:
     def op_args(self) -> tuple:
         return self.snapshot.op_args()
 
+    def _per_token(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """ids expanded to x's tokens (one per token, or one per sequence repeated)."""
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if ids.numel() == tokens:
+            return ids
+        if x.dim() >= 3 and ids.numel() == x.shape[0]:
+            return ids.repeat_interleave(tokens // x.shape[0])
+        raise ValueError(f"{ids.numel()} adapter ids for x of shape {tuple(x.shape)}: give one "
+                         f"per token ({tokens}) or one per sequence")
+
     def token_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Ids per token of x (x.shape[:-1]): the plan's ids, or one per sequence repeated."""
         tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -217,14 +253,37 @@ class PoolPlan:
         if ids.numel() == tokens:
             return ids
         got = self._expanded.get(tokens)
-        if got is not None:
-            return got
-        if x.dim() >= 3 and ids.numel() == x.shape[0]:
-            got = ids.repeat_interleave(tokens // x.shape[0])
+        if got is None:
+            got = self._per_token(ids, x)
             self._expanded[tokens] = got
-            return got
-        raise ValueError(f"{ids.numel()} adapter ids for x of shape {tuple(x.shape)}: give one "
-                         f"per token ({tokens}) or one per sequence")
+        return got
+
+    def op_inputs(self, x: torch.Tensor, snapshot: PoolSnapshot | None = None) -> tuple:
+        """(ids, (plan_order, plan_starts, plan_adapters)) per token of x, on the pools'
+        device, cached per token count. `snapshot`: the pool snapshot the op will read; its
+        slot count bounds the ids (a check on host numbers, no device read)."""
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        got = self._inputs.get(tokens)
+        if got is None:
+            host = self._host
+            if host is None:  # made from device ids: read back once
+                host = self._ids.reshape(-1).to("cpu", torch.int32)
+            host = self._per_token(host, x)
+            order, starts, adapters = reference.batched_plan(host)
+            n, g = host.numel(), adapters.numel()
+            # one copy to the device for the whole step (ids and plan in one buffer)
+            buf = torch.cat([host, order, starts, adapters]).to(self._device)
+            span = (int(adapters[0]), int(adapters[-1])) if g else (-1, -1)
+            got = (buf[:n], (buf[n:2 * n], buf[2 * n:2 * n + g + 1], buf[2 * n + g + 1:]), span)
+            self._inputs[tokens] = got
+        ids, plan, (lo, hi) = got
+        # the op trusts the plan, so ids a hand-made PoolPlan got wrong are refused here
+        if lo < -1 or (snapshot is not None and hi >= snapshot.capacity):
+            bad = lo if lo < -1 else hi
+            cap = snapshot.capacity if snapshot is not None else "?"
+            raise ValueError(f"adapter id {bad} is not a slot of this pool (capacity {cap}; "
+                             "-1 for none)")
+        return ids, plan
 
 
 # The plan a serving forward hands to every pool layer below it (lori_kernels.serving).

@@ -129,6 +129,19 @@ def batched_sparse_delta(x: torch.Tensor, adapter_ids: torch.Tensor, masks: torc
     return y.reshape(shape)
 
 
+def batched_plan(adapter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batched ops' plan of these ids, (plan_order, plan_starts, plan_adapters), int32 on
+    the ids' device: order = a stable argsort of the ids (-1 tokens first), then the
+    run-length encoding of the sorted ids (group g = order[starts[g]:starts[g + 1]], all of
+    adapter adapters[g]). Unique for given ids: the form the op checks a plan against."""
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    adapters, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    starts = torch.zeros(adapters.numel() + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return order.to(torch.int32), starts.to(torch.int32), adapters.to(torch.int32)
+
+
 def batched_dense_lora(x: torch.Tensor, adapter_ids: torch.Tensor, a: list, b: list,
                        scales: list) -> torch.Tensor:
     """What users write for many LoRA adapters in one batch, in x's dtype: a loop over the

@@ -214,3 +214,31 @@ def batched(op: str, x, ids, masks, values, value_starts, offsets, seeds, scales
         _value(t.dim() == 1 and t.shape[0] == n,
                lambda: f"{op}: {name} must have shape ({n},) (one per adapter), got "
                        f"{tuple(t.shape)}")
+
+
+def batched_plan(op: str, x, order, starts, adapters) -> None:
+    """The batched ops' optional plan (all three or none; int32, on x's device): plan_order
+    (T,), plan_starts (G + 1,), plan_adapters (G,). Its contents are checked against the ids
+    under validation "full" only (lori_kernels.validation; docs/architecture.md)."""
+    given = [t is not None for t in (order, starts, adapters)]
+    if not any(given):
+        return
+    _value(all(given), lambda: f"{op}: plan_order, plan_starts and plan_adapters go together "
+                               "(give all three or none)")
+    named = (("plan_order", order), ("plan_starts", starts), ("plan_adapters", adapters))
+    for name, t in named:
+        torch._check(t.device == x.device,
+                     lambda: f"{op}: {name} is on {t.device} but x is on {x.device}; build the "
+                             "plan on x's device (AdapterPool.plan)")
+    for name, t in named:
+        _type(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
+    tokens = x.numel() // x.shape[-1]
+    _value(order.dim() == 1 and order.shape[0] == tokens,
+           lambda: f"{op}: plan_order must have shape ({tokens},) (one entry per token of x), "
+                   f"got {tuple(order.shape)}")
+    _value(adapters.dim() == 1,
+           lambda: f"{op}: plan_adapters must be 1-D, got {tuple(adapters.shape)}")
+    g = adapters.shape[0]
+    _value(starts.dim() == 1 and starts.shape[0] == g + 1,
+           lambda: f"{op}: plan_starts must have shape ({g + 1},) (one more than plan_adapters), "
+                   f"got {tuple(starts.shape)}")

@@ -11,9 +11,10 @@ managed together: an adapter has one slot, the same in every pool (a layer the a
 cover leaves that slot empty: delta 0), so one id table serves every layer. A forward builds one
 plan: names resolved and validated once against the model's adapter table, and the current
 snapshot of every pool taken at the same moment, under the model lock; every pool layer reads
-that plan (lori_kernels.nn.use_plan), with no per-layer id work in Python. The C++ op still
-groups and checks the tokens inside each layer's call (it takes no plan argument yet): per step
-that is one counting sort over the tokens and one bounds check per used adapter, per layer.
+that plan (lori_kernels.nn.use_plan), with no per-layer id work in Python. The plan also
+carries the tokens grouped by adapter (PoolPlan.op_inputs: built once per step on the host,
+one copy to the device), which every layer hands to the op: no per-layer grouping, id check
+or host sync (validation "full" checks the plan against the ids in every call).
 
 Adding and removing adapters is safe while other threads serve (lori_kernels.pool): a step sees
 an adapter in all layers or in none, and a removed adapter stays readable by the steps that
@@ -226,7 +227,7 @@ class ServingModel(nn.Module):
                     raise KeyError(f"no adapter {a!r} ({list(slot_of)})")
                 ids.append(s)
         dev = next(iter(snaps.values())).masks.device
-        return PoolPlan(torch.tensor(ids, dtype=torch.int32, device=dev), snaps)
+        return PoolPlan(None, snaps, host_ids=torch.tensor(ids, dtype=torch.int32), device=dev)
 
     def forward(self, *args, adapter_names: Sequence[str | None] | None = None,
                 plan: PoolPlan | None = None, **kwargs):

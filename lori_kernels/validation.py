@@ -8,6 +8,9 @@ extent, B's mask/offsets consistency), initialised from LORI_VALIDATE:
   "off"  no check that needs the device's data, no sync (e.g. for CUDA-graph capture, which
          also turns them off by itself): kernels stay memory-safe (ids out of range act as -1,
          extents are clamped) but raise nothing.
+With a plan (the batched ops' plan_order / plan_starts / plan_adapters, docs/architecture.md
+"The batched plan") "on" trusts the plan's grouping and skips the id checks (no sync); "full"
+checks the plan against the ids in every call and raises on any disagreement.
 The CUDA host code reads the same switch from the LORI_VALIDATE environment variable, which
 set_validation keeps in step. Shape, dtype and device rules (lori_kernels.rules) always run.
 """

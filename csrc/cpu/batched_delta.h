@@ -24,7 +24,7 @@ struct Segment {
 };
 
 struct Grouping {
-  std::vector<int64_t> perm;  // token indices with id >= 0, stably sorted by id
+  std::vector<int64_t> perm;  // token indices, stably sorted by id (segments index into it)
   std::vector<Segment> segs;  // in adapter order
   std::vector<int64_t> idle;  // tokens with id -1
 };
@@ -37,6 +37,15 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
                       const at::Tensor& offsets, const at::Tensor& seeds,
                       const at::Tensor& scales, const at::Tensor& distributions,
                       int64_t num_values, const BatchedShape& s);
+
+// The same grouping from a plan (batched_checks.h: BatchedPlan), without reading the ids: the
+// plan's bounds are checked (so no kernel leaves x or y), and each used adapter's metadata as
+// above. Validation "full" first verifies the plan against the ids.
+Grouping group_from_plan(const char* op, const at::Tensor& ids, const BatchedPlan& plan,
+                         const at::Tensor& value_starts, const at::Tensor& offsets,
+                         const at::Tensor& seeds, const at::Tensor& scales,
+                         const at::Tensor& distributions, int64_t num_values,
+                         const BatchedShape& s);
 
 const char* distribution_name(int dist);
 std::string adapter_op(const char* op, int64_t adapter);  // "op (adapter a)" for messages

@@ -1,4 +1,5 @@
-// CPU backward of batched_sparse_delta: tokens grouped by adapter as in the forward, then
+// CPU backward of batched_sparse_delta: tokens grouped by adapter as in the forward (or taken
+// from the plan), then
 // each segment is one call of the single-adapter backward (lori::sparse_delta_backward,
 // through the dispatcher) on the segment's rows:
 //   grad_x[t]                  = scales[a] * (grad_y[t] @ B_a) @ A_a         (0 where a == -1)
@@ -41,13 +42,18 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ids, const at::Tensor& masks,
     const at::Tensor& values, const at::Tensor& value_starts, const at::Tensor& offsets,
     const at::Tensor& seeds, const at::Tensor& scales, const at::Tensor& distributions,
-    int64_t rank, bool need_x, bool need_values) {
+    int64_t rank, bool need_x, bool need_values, const std::optional<at::Tensor>& plan_order,
+    const std::optional<at::Tensor>& plan_starts, const std::optional<at::Tensor>& plan_adapters) {
   const char* op = "batched_sparse_delta_backward";
   const BatchedShape s = check_batched_args(op, x, ids, masks, values, value_starts, offsets,
                                             seeds, scales, distributions, rank);
   check_batched_out_like(op, "grad_y", grad_y, x, s);
-  const Grouping g = group_tokens(op, ids, value_starts, offsets, seeds, scales, distributions,
-                                  values.numel(), s);
+  const BatchedPlan plan = check_batched_plan(op, plan_order, plan_starts, plan_adapters, x, s);
+  const Grouping g =
+      plan.given ? group_from_plan(op, ids, plan, value_starts, offsets, seeds, scales,
+                                   distributions, values.numel(), s)
+                 : group_tokens(op, ids, value_starts, offsets, seeds, scales, distributions,
+                                values.numel(), s);
   at::Tensor gx = need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor gv = need_values ? at::zeros_like(values, at::MemoryFormat::Contiguous)
                               : at::empty({0}, values.options());

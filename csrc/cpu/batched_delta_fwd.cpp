@@ -3,7 +3,8 @@
 //   y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]  (a == -1: base[t])
 //
 // Tokens are grouped by adapter with a stable counting sort (punica SGMV / vLLM lora_shrink
-// style: segments of one adapter, -1 = none), so each adapter's A is generated once per
+// style: segments of one adapter, -1 = none), or taken from the plan arguments (built once per
+// step by AdapterPool.plan; group_from_plan gives the same segments), so each adapter's A is generated once per
 // group, not per token. Per segment the single-adapter pieces run unchanged: compute_hT
 // (direct A-row dots for <= 16 tokens, MKL GEMM over A tiles above), then the B stage
 // (b_stage.h: column-expand kernel for <= 4 tokens, 8-token kernel above) writing straight
@@ -28,6 +29,61 @@ namespace lori::cpu {
 
 const char* distribution_name(int dist) { return dist == kRademacher ? "rademacher" : "uniform"; }
 
+namespace {
+
+// The pool's per-adapter tables, contiguous, for the host-side reads of the used adapters.
+struct PoolMeta {
+  at::Tensor vs, off, sd, sc, di;
+  const int64_t* vsp;
+  const int32_t* offp;
+  const int64_t* sdp;
+  const float* scp;
+  const int32_t* dip;
+  PoolMeta(const at::Tensor& value_starts, const at::Tensor& offsets, const at::Tensor& seeds,
+           const at::Tensor& scales, const at::Tensor& distributions)
+      : vs(value_starts.contiguous()), off(offsets.contiguous()), sd(seeds.contiguous()),
+        sc(scales.contiguous()), di(distributions.contiguous()) {
+    vsp = vs.data_ptr<int64_t>();
+    offp = off.data_ptr<int32_t>();
+    sdp = sd.data_ptr<int64_t>();
+    scp = sc.data_ptr<float>();
+    dip = di.data_ptr<int32_t>();
+  }
+};
+
+// Segment of adapter a (perm[start, start + len)), its metadata checked.
+Segment make_segment(const char* op, int64_t a, int64_t start, int64_t len, const PoolMeta& m,
+                     int64_t num_values, const BatchedShape& s) {
+  Segment seg;
+  seg.adapter = a;
+  seg.start = start;
+  seg.len = len;
+  const int32_t* o = m.offp + a * (s.chunks + 1);
+  seg.value_start = m.vsp[a];
+  seg.nnz = o[s.chunks];
+  check_batched_adapter(op, a, o[0], seg.nnz, seg.value_start, num_values, m.dip[a], m.scp[a]);
+  const int dist = m.dip[a];
+  const uint64_t useed = static_cast<uint64_t>(m.sdp[a]);
+  seg.gen.k0 = static_cast<uint32_t>(useed);
+  seg.gen.k1 = static_cast<uint32_t>(useed >> 32);
+  seg.gen.dist = dist;
+  seg.gen.in_features = s.in_features;
+  seg.gen.magnitude = a_magnitude(dist, s.in_features);
+  seg.scale = m.scp[a];
+  return seg;
+}
+
+void mark_contiguous(Grouping& g) {
+  for (auto& seg : g.segs) {
+    const int64_t* q = g.perm.data() + seg.start;
+    bool run = true;
+    for (int64_t j = 1; j < seg.len && run; ++j) run = q[j] == q[0] + j;
+    seg.contiguous_from = run ? q[0] : -1;
+  }
+}
+
+}  // namespace
+
 Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& value_starts,
                       const at::Tensor& offsets, const at::Tensor& seeds,
                       const at::Tensor& scales, const at::Tensor& distributions,
@@ -45,35 +101,13 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
   g.perm.resize(static_cast<size_t>(T - count[0]));
   g.idle.reserve(static_cast<size_t>(count[0]));
   std::vector<int64_t> pos(static_cast<size_t>(N) + 1, 0);
-  const at::Tensor vs = value_starts.contiguous(), off = offsets.contiguous();
-  const at::Tensor sd = seeds.contiguous(), sc = scales.contiguous(), di = distributions.contiguous();
-  const int64_t* vsp = vs.data_ptr<int64_t>();
-  const int32_t* offp = off.data_ptr<int32_t>();
-  const int64_t* sdp = sd.data_ptr<int64_t>();
-  const float* scp = sc.data_ptr<float>();
-  const int32_t* dip = di.data_ptr<int32_t>();
+  const PoolMeta meta(value_starts, offsets, seeds, scales, distributions);
   int64_t p = 0;
   for (int64_t a = 0; a < N; ++a) {
     pos[a + 1] = p;
     if (count[a + 1] == 0) continue;
-    Segment seg;
-    seg.adapter = a;
-    seg.start = p;
-    seg.len = count[a + 1];
-    p += seg.len;
-    const int32_t* o = offp + a * (s.chunks + 1);
-    seg.value_start = vsp[a];
-    seg.nnz = o[s.chunks];
-    check_batched_adapter(op, a, o[0], seg.nnz, seg.value_start, num_values, dip[a], scp[a]);
-    const int dist = dip[a];
-    const uint64_t useed = static_cast<uint64_t>(sdp[a]);
-    seg.gen.k0 = static_cast<uint32_t>(useed);
-    seg.gen.k1 = static_cast<uint32_t>(useed >> 32);
-    seg.gen.dist = dist;
-    seg.gen.in_features = s.in_features;
-    seg.gen.magnitude = a_magnitude(dist, s.in_features);
-    seg.scale = scp[a];
-    g.segs.push_back(seg);
+    g.segs.push_back(make_segment(op, a, p, count[a + 1], meta, num_values, s));
+    p += count[a + 1];
   }
   for (int64_t t = 0; t < T; ++t) {
     if (id[t] < 0) {
@@ -82,12 +116,41 @@ Grouping group_tokens(const char* op, const at::Tensor& ids, const at::Tensor& v
       g.perm[pos[id[t] + 1]++] = t;
     }
   }
-  for (auto& seg : g.segs) {
-    const int64_t* q = g.perm.data() + seg.start;
-    bool run = true;
-    for (int64_t j = 1; j < seg.len && run; ++j) run = q[j] == q[0] + j;
-    seg.contiguous_from = run ? q[0] : -1;
+  mark_contiguous(g);
+  return g;
+}
+
+Grouping group_from_plan(const char* op, const at::Tensor& ids, const BatchedPlan& plan,
+                         const at::Tensor& value_starts, const at::Tensor& offsets,
+                         const at::Tensor& seeds, const at::Tensor& scales,
+                         const at::Tensor& distributions, int64_t num_values,
+                         const BatchedShape& s) {
+  if (validation_level() >= 2) verify_batched_plan(op, ids, plan, s.adapters);
+  const at::Tensor order = plan.order.contiguous(), starts = plan.starts.contiguous();
+  const at::Tensor adapters = plan.adapters.contiguous();
+  const int64_t T = s.tokens, G = adapters.numel();
+  const int32_t* op_ = order.data_ptr<int32_t>();
+  const int32_t* sp = starts.data_ptr<int32_t>();
+  const int32_t* ap = adapters.data_ptr<int32_t>();
+  check_plan_bounds(op, sp, ap, G, T, s.adapters);
+  Grouping g;
+  g.perm.resize(static_cast<size_t>(T));
+  for (int64_t p = 0; p < T; ++p) {
+    // Trusted for its grouping ("on"), but never for memory: a token index stays inside x.
+    TORCH_CHECK_VALUE(op_[p] >= 0 && op_[p] < T, op, ": plan_order[", p, "] = ", op_[p],
+                      " is not a token index (0..", T - 1, ")");
+    g.perm[p] = op_[p];
   }
+  const PoolMeta meta(value_starts, offsets, seeds, scales, distributions);
+  for (int64_t i = 0; i < G; ++i) {
+    const int64_t start = sp[i], len = sp[i + 1] - sp[i];
+    if (ap[i] < 0) {
+      g.idle.assign(g.perm.begin() + start, g.perm.begin() + start + len);
+    } else {
+      g.segs.push_back(make_segment(op, ap[i], start, len, meta, num_values, s));
+    }
+  }
+  mark_contiguous(g);
   return g;
 }
 
@@ -140,10 +203,14 @@ at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
                                     const at::Tensor& value_starts, const at::Tensor& offsets,
                                     const at::Tensor& seeds, const at::Tensor& scales,
                                     const at::Tensor& distributions, int64_t rank,
-                                    const std::optional<at::Tensor>& base) {
+                                    const std::optional<at::Tensor>& base,
+                                    const std::optional<at::Tensor>& plan_order,
+                                    const std::optional<at::Tensor>& plan_starts,
+                                    const std::optional<at::Tensor>& plan_adapters) {
   const char* op = "batched_sparse_delta";
   const BatchedShape s = check_batched_args(op, x, ids, masks, values, value_starts, offsets,
                                             seeds, scales, distributions, rank);
+  const BatchedPlan plan = check_batched_plan(op, plan_order, plan_starts, plan_adapters, x, s);
   const bool accumulate = base.has_value() && base->defined();
   if (accumulate) check_batched_out_like(op, "base", *base, x, s);
   auto out_shape = x.sizes().vec();
@@ -151,8 +218,11 @@ at::Tensor batched_sparse_delta_cpu(const at::Tensor& x, const at::Tensor& ids,
   at::Tensor y = accumulate ? base->clone(at::MemoryFormat::Contiguous)
                             : at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens, out = s.out_features;
-  const Grouping g = group_tokens(op, ids, value_starts, offsets, seeds, scales, distributions,
-                                  values.numel(), s);
+  const Grouping g =
+      plan.given ? group_from_plan(op, ids, plan, value_starts, offsets, seeds, scales,
+                                   distributions, values.numel(), s)
+                 : group_tokens(op, ids, value_starts, offsets, seeds, scales, distributions,
+                                values.numel(), s);
   if (T == 0 || out == 0) return y;
   at::Tensor y2 = y.view({T, out});
   if (!accumulate && !g.idle.empty()) {

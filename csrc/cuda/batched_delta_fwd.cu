@@ -8,6 +8,8 @@
 //    for the host (one small copy, one sync: see ops_cuda_batched.cpp).
 // 2. (host) perm = stable argsort of keys (at::sort): tokens stay where they are, blocks
 //    gather their rows through perm.
+// (With a plan argument steps 1-2 are skipped: perm = plan_order and step 3 reads the plan's
+// group bounds instead of searching the keys.)
 // 3. plan: one block binary-searches each group's [start, end) in the sorted keys, cuts it
 //    into tiles of <= TT tokens and writes the tile list (kernels.cuh: TilePlan; the slots of
 //    multi-tile groups serve the backward's grad_values).
@@ -96,19 +98,34 @@ __device__ __forceinline__ int64_t block_exclusive_sum(int64_t v, int64_t* warp_
 
 constexpr int kPlanThreads = 256;
 
+// One thread per group: from the sorted keys (groups 0..N, N = "no adapter") or, kFromPlan,
+// from a plan's G groups (starts / groups; bounds clamped, adapters outside [0, N) -> N).
+template <bool kFromPlan>
 __global__ void __launch_bounds__(kPlanThreads)
-    batched_plan_kernel(const int64_t* __restrict__ keys, int64_t T, int64_t adapters, int tile,
-                        int64_t max_tiles, int64_t* __restrict__ tiles,
-                        int64_t* __restrict__ count_out) {
+    batched_plan_kernel(const int64_t* __restrict__ keys, const int32_t* __restrict__ gstarts,
+                        const int32_t* __restrict__ gadapters, int64_t ngroups, int64_t T,
+                        int64_t adapters, int tile, int64_t max_tiles,
+                        int64_t* __restrict__ tiles, int64_t* __restrict__ count_out) {
   __shared__ int64_t warp_sums[kPlanThreads / 32];
   int64_t carry = 0, carry_s = 0;  // tiles / slots of the groups before this pass (uniform)
-  for (int64_t base = 0; base <= adapters; base += kPlanThreads) {
+  const int64_t n_items = kFromPlan ? ngroups : adapters + 1;
+  for (int64_t base = 0; base < n_items; base += kPlanThreads) {
     const int64_t g = base + threadIdx.x;
-    int64_t start = 0, len = 0;
-    if (g <= adapters) {
-      start = lower_bound(keys, T, g);
-      const int64_t end = g == adapters ? T : lower_bound(keys, T, g + 1);
-      len = end - start;
+    int64_t start = 0, len = 0, group = g;
+    if (g < n_items) {
+      if (kFromPlan) {
+        int64_t a = gstarts[g], b = gstarts[g + 1];
+        a = a < 0 ? 0 : (a > T ? T : a);
+        b = b < a ? a : (b > T ? T : b);
+        start = a;
+        len = b - a;
+        const int64_t ad = gadapters[g];
+        group = ad >= 0 && ad < adapters ? ad : adapters;
+      } else {
+        start = lower_bound(keys, T, g);
+        const int64_t end = g == adapters ? T : lower_bound(keys, T, g + 1);
+        len = end - start;
+      }
     }
     const int64_t nt = (len + tile - 1) / tile;
     const int64_t ns = nt > 1 ? nt : 0;  // slots: tiles of multi-tile groups
@@ -119,7 +136,7 @@ __global__ void __launch_bounds__(kPlanThreads)
       const int64_t i = first + j;
       if (i >= max_tiles) break;
       int64_t* r = tiles + kTileFields * i;
-      r[0] = g;
+      r[0] = group;
       r[1] = start + j * tile;
       r[2] = len - j * tile < tile ? len - j * tile : tile;
       r[3] = j == 0 ? nt : 0;
@@ -286,8 +303,16 @@ void launch_batched_keys(const void* ids, bool ids64, int64_t T, const BatchedPo
 void launch_batched_plan(const int64_t* sorted_keys, int64_t T, int64_t adapters, int tile,
                          int64_t max_tiles, int64_t* tiles, int64_t* count_out,
                          cudaStream_t stream) {
-  batched_plan_kernel<<<1, kPlanThreads, 0, stream>>>(sorted_keys, T, adapters, tile, max_tiles,
-                                                      tiles, count_out);
+  batched_plan_kernel<false><<<1, kPlanThreads, 0, stream>>>(
+      sorted_keys, nullptr, nullptr, 0, T, adapters, tile, max_tiles, tiles, count_out);
+  LORI_LAUNCH_CHECK();
+}
+
+void launch_batched_plan_groups(const int32_t* starts, const int32_t* groups, int64_t G,
+                                int64_t T, int64_t adapters, int tile, int64_t max_tiles,
+                                int64_t* tiles, cudaStream_t stream) {
+  batched_plan_kernel<true><<<1, kPlanThreads, 0, stream>>>(
+      nullptr, starts, groups, G, T, adapters, tile, max_tiles, tiles, nullptr);
   LORI_LAUNCH_CHECK();
 }
 

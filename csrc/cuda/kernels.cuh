@@ -184,6 +184,14 @@ void launch_batched_plan(const int64_t* sorted_keys, int64_t T, int64_t adapters
                          int64_t max_tiles, int64_t* tiles, int64_t* count_out,
                          cudaStream_t stream);
 
+// The same tile list from a plan's G groups (group i = sorted positions [starts[i],
+// starts[i + 1]) of adapter groups[i]; batched_checks.h: BatchedPlan) instead of sorted keys.
+// Bounds are clamped into [0, T] and an adapter outside [0, N) becomes the "no adapter" group
+// N, so a malformed plan cannot make a kernel leave its buffers. max_tiles >= ceil(T / tile) + G.
+void launch_batched_plan_groups(const int32_t* starts, const int32_t* groups, int64_t G,
+                                int64_t T, int64_t adapters, int tile, int64_t max_tiles,
+                                int64_t* tiles, cudaStream_t stream);
+
 // partial[s, q, r] = sum_{j in slice s} x[perm[q], j] * A_a[r, j] for every sorted position q
 // of a token with an adapter a (other rows are not written). grid_tiles <= max_tiles blocks.
 template <typename scalar_t>

@@ -11,7 +11,11 @@
 // overlap. It also gives the host the exact tile and slot counts, so the grids and the
 // backward's grad_values buffer are sized exactly.
 // LORI_VALIDATE=off turns it off (no sync); it is also skipped while the stream is being
-// captured into a CUDA graph. Unvalidated input stays memory-safe: ids outside [0, N) act as
+// captured into a CUDA graph. With a plan (plan_order / plan_starts / plan_adapters, built
+// once per step by AdapterPool.plan) a call neither sorts nor validates: the tile list is
+// built from the plan's groups on the device (their count G is the plan's shape, so the grids
+// are sized without a sync), and nothing is read back. LORI_VALIDATE=full checks the plan
+// against the ids on the host first (syncs) and then groups as without a plan. Unvalidated input stays memory-safe: ids outside [0, N) act as
 // -1 (zero delta, zero gradient), value extents are clamped into `values`, and, as for
 // sparse_delta, the kernels trust each chunk's offsets only within those bounds.
 #include <ATen/ATen.h>
@@ -96,11 +100,48 @@ struct Grouping {
   int64_t slots_gb = 0;           // slots of plan_gb (exact when validated, else the bound)
 };
 
+// The tile plan(s) from a step's plan: perm = plan_order, tiles cut from its groups, no sort,
+// no validation, no sync. Memory-safe whatever the plan holds (it is trusted for the
+// grouping, "on"): token indices are clamped into [0, T), group bounds into [0, T] by the
+// tile builder, and groups whose adapter is outside [0, N) act as "no adapter".
+Grouping group_from_plan(const BatchedPlan& bp, const BatchedShape& s, int tile, int gb_tile,
+                         cudaStream_t stream) {
+  const int64_t T = s.tokens, N = s.adapters, G = bp.adapters.size(0);
+  Grouping g;
+  g.perm = bp.order.to(at::kLong).clamp_(0, T - 1);
+  const at::Tensor starts = bp.starts.contiguous(), groups = bp.adapters.contiguous();
+  auto build = [&](int tl, at::Tensor& tiles, TilePlan& plan, int64_t& grid) {
+    const int64_t max_tiles = (T + tl - 1) / tl + G;
+    tiles = at::empty({kTileFields * max_tiles + 1}, g.perm.options());
+    launch_batched_plan_groups(starts.data_ptr<int32_t>(), groups.data_ptr<int32_t>(), G, T, N,
+                               tl, max_tiles, tiles.data_ptr<int64_t>(), stream);
+    plan = TilePlan{g.perm.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(), max_tiles, tl, 0};
+    grid = max_tiles;
+  };
+  build(tile, g.tiles, g.plan, g.grid);
+  if (gb_tile > 0) {
+    build(gb_tile, g.tiles_gb, g.plan_gb, g.grid_gb);
+    g.slots_gb = std::min(plan_max_slots(T, gb_tile), g.grid_gb);
+  }
+  g.plan_gb.max_slots = g.slots_gb;
+  return g;
+}
+
 // keys -> stable sort -> tile plan(s); validates (one sync) unless disabled. gb_tile > 0 also
-// builds the grad_values plan with tiles of gb_tile tokens. T >= 1.
-Grouping group_tokens(const char* op, const at::Tensor& ids, const PoolTensors& pt,
-                      const BatchedShape& s, int tile, int gb_tile, cudaStream_t stream) {
+// builds the grad_values plan with tiles of gb_tile tokens. T >= 1. With a plan: its tiles
+// (group_from_plan), after checking it against the ids under LORI_VALIDATE=full.
+Grouping group_tokens(const char* op, const at::Tensor& ids, const BatchedPlan& bp,
+                      const PoolTensors& pt, const BatchedShape& s, int tile, int gb_tile,
+                      cudaStream_t stream) {
   const int64_t T = s.tokens, N = s.adapters;
+  if (bp.given) {
+    if (validation_level() < 2 || !validation_enabled(stream)) {
+      return group_from_plan(bp, s, tile, gb_tile, stream);
+    }
+    // "full": the plan must be the ids' grouping; then the ids and used adapters are checked
+    // as without a plan, and that grouping (equal to the plan's) is used.
+    verify_batched_plan(op, ids, bp, N);
+  }
   const at::Tensor idc = ids.contiguous();
   const bool validate = validation_enabled(stream);
   const auto opts = idc.options().dtype(at::kLong);
@@ -196,24 +237,31 @@ at::Tensor batched_sparse_delta_cuda(const at::Tensor& x, const at::Tensor& ids,
                                      const at::Tensor& value_starts, const at::Tensor& offsets,
                                      const at::Tensor& seeds, const at::Tensor& scales,
                                      const at::Tensor& distributions, int64_t rank,
-                                     const std::optional<at::Tensor>& base) {
+                                     const std::optional<at::Tensor>& base,
+                                     const std::optional<at::Tensor>& plan_order,
+                                     const std::optional<at::Tensor>& plan_starts,
+                                     const std::optional<at::Tensor>& plan_adapters) {
   const char* op = "batched_sparse_delta";
   const BatchedShape s = check_batched_args(op, x, ids, masks, values, value_starts, offsets,
                                             seeds, scales, distributions, rank);
+  const BatchedPlan bp = check_batched_plan(op, plan_order, plan_starts, plan_adapters, x, s);
   const bool accumulate = base.has_value() && base->defined();
   if (accumulate) check_batched_out_like(op, "base", *base, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out_features;
+  // With a trusted plan, y starts at 0: a token no group covers then reads 0, never stale
+  // memory (a plan made by AdapterPool.plan covers every token).
   at::Tensor y = accumulate ? base->clone(at::MemoryFormat::Contiguous)
+                 : bp.given ? at::zeros(out_shape, x.options())
                             : at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t T = s.tokens;
   if (T == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const PoolTensors pt = pool_view(masks, offsets, value_starts, seeds, scales, distributions,
                                    values.numel(), s);
-  const Grouping g = group_tokens(op, ids, pt, s, batched_tile(T, s.adapters, x.scalar_type(), rank),
-                                  0, stream);
+  const Grouping g = group_tokens(op, ids, bp, pt, s,
+                                  batched_tile(T, s.adapters, x.scalar_type(), rank), 0, stream);
   if (s.out_features == 0) return y;
   const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
   const at::Tensor v = values.contiguous();
@@ -243,18 +291,21 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ids, const at::Tensor& masks,
     const at::Tensor& values, const at::Tensor& value_starts, const at::Tensor& offsets,
     const at::Tensor& seeds, const at::Tensor& scales, const at::Tensor& distributions,
-    int64_t rank, bool need_x, bool need_values) {
+    int64_t rank, bool need_x, bool need_values, const std::optional<at::Tensor>& plan_order,
+    const std::optional<at::Tensor>& plan_starts, const std::optional<at::Tensor>& plan_adapters) {
   const char* op = "batched_sparse_delta_backward";
   const BatchedShape s = check_batched_args(op, x, ids, masks, values, value_starts, offsets,
                                             seeds, scales, distributions, rank);
   check_batched_out_like(op, "grad_y", grad_y, x, s);
+  const BatchedPlan bp = check_batched_plan(op, plan_order, plan_starts, plan_adapters, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = s.tokens, out = s.out_features, nch = s.chunks;
   // grad_x: every row is written by expand_a (zeros for "no adapter" tokens) when it runs.
   const bool work = T > 0 && out > 0 && (need_x || need_values);
   at::Tensor gx = !need_x ? at::empty({0}, x.options())
-                  : work  ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::zeros(x.sizes(), x.options());
+                  : work && !bp.given
+                      ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                      : at::zeros(x.sizes(), x.options());  // a trusted plan: as y above
   at::Tensor gv = need_values ? at::zeros({values.numel()}, values.options())
                               : at::empty({0}, values.options());
   if (T == 0) return {gx, gv};
@@ -270,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> batched_sparse_delta_backward_cuda(
   const int gb_tile = need_values && work ? static_cast<int>(std::min<int64_t>(
                                                 (per + 31) / 32 * 32, 1 << 20))
                                           : 0;
-  const Grouping g = group_tokens(op, ids, pt, s,
+  const Grouping g = group_tokens(op, ids, bp, pt, s,
                                   batched_tile(T, s.adapters, x.scalar_type(), rank), gb_tile,
                                   stream);
   if (!work) return {gx, gv};

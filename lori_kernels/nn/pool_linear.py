@@ -37,7 +37,9 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
     use_plan block (lori_kernels.serving: one plan per step for every layer); the ids of the
     last set_adapter_ids. A plan holds a snapshot of the pool, so the forward reads the
     adapters as they were when the plan was made, whatever writers do meanwhile; no id is
-    resolved or validated in Python here (the op still groups tokens per call). Names / slot
+    resolved or validated in Python here, and the op gets the plan's grouping of the tokens
+    (PoolPlan.op_inputs: built once per step and token count, shared by every layer), so it
+    neither groups nor checks the ids per call. Names / slot
     ints given to set_adapter_ids make a plan (kept until the next call); an int tensor is
     kept as raw slot indices read against the pool's current snapshot (pool module doc).
     Ids are one per token (x.shape[:-1]) or one per sequence (x.shape[0], repeated over the
@@ -89,11 +91,13 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
             plan = current_plan.get()
             if plan is None:
                 plan = self._plan
+        tplan = None
         if plan is not None:
-            if plan.ids is None:  # the base plan: no adapter for any token
+            if plan.is_base:  # the base plan: no adapter for any token
                 return self.base(x)
-            args = plan.snapshot_for(self.pool).op_args()
-            ids = plan.token_ids(x)
+            snap = plan.snapshot_for(self.pool)
+            args = snap.op_args()
+            ids, tplan = plan.op_inputs(x, snap)
         elif self.adapter_ids is not None:
             args = self.pool.op_args()
             ids = self._token_ids(x)
@@ -104,7 +108,7 @@ class LoRIPoolLinear(_LinearAttrs, nn.Module):
         if values.dtype != x.dtype:
             values = values.to(x.dtype)
         return ops._batched_sparse_delta(x, ids, masks, values, starts, offsets, seeds, scales,
-                                         dists, rank, self.base(x), self.backend)
+                                         dists, rank, self.base(x), self.backend, tplan)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

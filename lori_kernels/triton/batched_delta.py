@@ -4,7 +4,7 @@ Semantics (lori::batched_sparse_delta):
     y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,   a = adapter_ids[t]   (a == -1: base[t])
 
 Tokens are grouped by adapter on the device (grouping.py: `perm`, the `segs` and `work`
-tables, no host sync); every grid's first axis runs over one of these tables and programs on
+tables, no host sync), or the tables are cut from the step's plan when one is given; every grid's first axis runs over one of these tables and programs on
 unused rows return at once.
 
 Passes (each A or B tile is produced once per program and reused by all its tokens):
@@ -42,7 +42,8 @@ from .. import spec
 from .common import (acc_dtype_for, b_row_starts, b_tile, b_tile_slots, cast_rne, config, jit,
                      key_from_seed, load_rows, load_split_sum, mm, plan_split, split_tiles,
                      store_split_part)
-from .grouping import IDLE, NO_WORK, Groups, group_tokens, load_item  # noqa: F401
+from .grouping import (IDLE, NO_WORK, Groups, group_tokens, groups_from_plan,  # noqa: F401
+                       load_item)
 from .random_a import a_tile_any
 
 
@@ -246,17 +247,27 @@ def _shrink(x2, groups, seeds, dists, rank, acc, cfg, interpret):
     return h, split
 
 
+def _groups(ids, plan, n_adapters, block_t) -> Groups:
+    if plan is not None:
+        return groups_from_plan(*plan, n_adapters, block_t)
+    return group_tokens(ids, n_adapters, block_t)
+
+
 def batched_fwd(x, ids, masks, values, value_starts, offsets, seeds, scales, distributions,
-                rank, base, interpret):
-    """y (..., out) in x's dtype; arguments already validated, pool tensors contiguous."""
+                rank, base, interpret, plan=None):
+    """y (..., out) in x's dtype; arguments already validated, pool tensors contiguous.
+    plan: None or (plan_order, plan_starts, plan_adapters)."""
     K, O = x.shape[-1], masks.shape[1]
     T = x.numel() // K
-    y = torch.empty((*x.shape[:-1], O), dtype=x.dtype, device=x.device)
+    # With a plan (trusted for its grouping) y starts at 0: a token no group covers reads 0,
+    # never stale memory (AdapterPool's plans cover every token).
+    new = torch.empty if plan is None else torch.zeros
+    y = new((*x.shape[:-1], O), dtype=x.dtype, device=x.device)
     if T == 0 or O == 0:
         return y
     acc = acc_dtype_for(x.dtype)
     cfg = config(T, rank, x.device, interpret)
-    groups = group_tokens(ids, masks.shape[0], cfg.block_t)
+    groups = _groups(ids, plan, masks.shape[0], cfg.block_t)
     x2 = x.reshape(T, K)
     h, n_split = _shrink(x2, groups, seeds, distributions, rank, acc, cfg, interpret)
     b2 = base.reshape(T, O) if base is not None else y
@@ -269,7 +280,7 @@ def batched_fwd(x, ids, masks, values, value_starts, offsets, seeds, scales, dis
 
 
 def batched_bwd(grad_y, x, ids, masks, values, value_starts, offsets, seeds, scales,
-                distributions, rank, need_x, need_values, interpret):
+                distributions, rank, need_x, need_values, interpret, plan=None):
     """(grad_x, grad_values), an empty tensor for a gradient not asked for; grad_values covers
     the whole values buffer (0 outside the used adapters' extents)."""
     K, O = x.shape[-1], masks.shape[1]
@@ -283,7 +294,7 @@ def batched_bwd(grad_y, x, ids, masks, values, value_starts, offsets, seeds, sca
                 torch.zeros_like(values) if need_values else gv)
     acc = acc_dtype_for(x.dtype)
     cfg = config(T, rank, x.device, interpret)
-    groups = group_tokens(ids, masks.shape[0], cfg.block_t)
+    groups = _groups(ids, plan, masks.shape[0], cfg.block_t)
     W, S = groups.work.shape[0], groups.segs.shape[0]
     gy2 = grad_y.reshape(T, O)
     n_r, n_o = triton.cdiv(rank, cfg.block_r), triton.cdiv(O, cfg.block_o)
@@ -295,7 +306,8 @@ def batched_bwd(grad_y, x, ids, masks, values, value_starts, offsets, seeds, sca
             gy2, groups.perm, groups.work, masks, values, value_starts, offsets, gh, T, O, rank,
             values.numel(), gy2.stride(0), gy2.stride(1), n_o, per, WORDS=words,
             BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o, BLOCK_R=cfg.block_r)
-        gx = torch.empty((*x.shape[:-1], K), dtype=x.dtype, device=x.device)
+        gx = (torch.empty if plan is None else torch.zeros)(
+            (*x.shape[:-1], K), dtype=x.dtype, device=x.device)
         gh_a_kernel[(W, triton.cdiv(K, cfg.block_k))](
             gh, groups.perm, groups.work, seeds, distributions, scales, gx, T, K, rank, *_mags(K),
             split, BLOCK_T=cfg.block_t, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k)

@@ -10,6 +10,9 @@ count is read back:
   work (W, 3) int32  [adapter, first sorted position, rows] per BLOCK_T-token tile of a segment,
                      W = cdiv(T, BLOCK_T) + S >= the real tile count; unused rows adapter -2.
 `load_item` is the kernels' side of a table row.
+
+With a plan (plan_order, plan_starts, plan_adapters: the op schema's comment) the sort is
+skipped: perm = plan_order and the tables are cut from the plan's G groups (S = G).
 """
 from __future__ import annotations
 
@@ -50,6 +53,33 @@ def group_tokens(ids: torch.Tensor, n_adapters: int, block_t: int) -> Groups:
     starts[S] = T
     lens = starts[1:] - starts[:-1]
     seg_ad = torch.where(lens > 0, sorted_ids[starts[:-1].clamp(max=T - 1)].long(), NO_WORK)
+    return _tables(perm.to(torch.int32), seg_ad, starts, lens, T, block_t)
+
+
+def groups_from_plan(order: torch.Tensor, starts: torch.Tensor, adapters: torch.Tensor,
+                     n_adapters: int, block_t: int) -> Groups:
+    """The tables from a plan, without sorting. A plan is trusted for its grouping, never for
+    memory: token indices are clamped into [0, T), group bounds into [0, T], and adapters
+    outside [-1, N) act as -1 (no adapter)."""
+    T = order.numel()
+    dev = order.device
+    perm = order.to(torch.int32).clamp(0, max(T - 1, 0))
+    st = starts.to(torch.int64).clamp(0, T)
+    ad = adapters.to(torch.int64)
+    if ad.numel() == 0:  # no group (only a malformed plan has none for T > 0)
+        st = torch.zeros(2, dtype=torch.int64, device=dev)
+        ad = torch.full((1,), NO_WORK, dtype=torch.int64, device=dev)
+    st = torch.cummax(st, 0).values  # non-decreasing: no negative length
+    lens = st[1:] - st[:-1]
+    seg_ad = torch.where((ad >= IDLE) & (ad < n_adapters), ad, IDLE)
+    seg_ad = torch.where(lens > 0, seg_ad, NO_WORK)
+    return _tables(perm, seg_ad, st, lens, T, block_t)
+
+
+def _tables(perm, seg_ad, starts, lens, T: int, block_t: int) -> Groups:
+    """segs and work from S segments: seg_ad (S,), starts (S + 1,), lens (S,), int64."""
+    dev = perm.device
+    S = seg_ad.numel()
     segs = torch.stack([seg_ad, starts[:-1], lens], 1).to(torch.int32)
     tiles = (lens + block_t - 1) // block_t
     cum = torch.cumsum(tiles, 0)
@@ -61,7 +91,7 @@ def group_tokens(ids: torch.Tensor, n_adapters: int, block_t: int) -> Groups:
     rows = torch.minimum(starts[sc] + lens[sc] - p0, torch.full_like(p0, block_t))
     work_ad = torch.where(s < S, seg_ad[sc], NO_WORK)
     work = torch.stack([work_ad, p0, rows], 1).to(torch.int32)
-    return Groups(perm.to(torch.int32), segs, work)
+    return Groups(perm, segs, work)
 
 
 @triton.jit

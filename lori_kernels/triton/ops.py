@@ -8,7 +8,8 @@ autograd. Each triton_X has the semantics, argument checks and error messages of
   triton_random_a_fill:  out[r, c] = A[r, col_start + c] (in place).
   triton_merge_delta_:   weight (out, in) += scale * B @ A (in place; unmerge: -scale).
   triton_batched_sparse_delta: y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,
-                         a = adapter_ids[t] (-1: no adapter), adapters of one pool.
+                         a = adapter_ids[t] (-1: no adapter), adapters of one pool; an
+                         optional plan (the tokens grouped once per step) skips grouping.
   triton_batched_sparse_delta_backward: (grad_x, grad_values over the whole values buffer);
                          adapters sharing a value range sum their gradients.
 
@@ -163,6 +164,71 @@ def _check_batched_contents(op, ids, masks, values, value_starts, offsets, distr
         _check_used_bitmasks(op, used, masks, offsets, rank)
 
 
+def _plan_or_none(order, starts, adapters):
+    return None if order is None else (order.contiguous(), starts.contiguous(),
+                                       adapters.contiguous())
+
+
+def verify_plan(op, ids, order, starts, adapters, n) -> None:
+    """Validation "full": the plan must be the ids' grouping (reference.batched_plan's form),
+    else ValueError naming the first disagreement, with the C++ op's messages. Reads the ids
+    and the plan back to the host."""
+    idl = ids.reshape(-1).long().cpu().tolist()
+    o, st, ad = order.cpu().tolist(), starts.cpu().tolist(), adapters.cpu().tolist()
+    T, G = len(idl), len(ad)
+    for t, i in enumerate(idl):
+        if i < -1 or i >= n:
+            raise ValueError(f"{op}: adapter_ids[{t}] = {i} is out of range for a pool of {n} "
+                             f"adapters (valid: -1 for none, 0..{n - 1})")
+    if st[0] != 0 or st[G] != T:
+        raise ValueError(f"{op}: plan_starts must run from 0 to the token count {T}, got "
+                         f"{st[0]} .. {st[G]}")
+    for g in range(G):
+        if st[g] >= st[g + 1]:
+            raise ValueError(f"{op}: plan_starts must be strictly increasing (no empty group), "
+                             f"got plan_starts[{g}] = {st[g]} and plan_starts[{g + 1}] = "
+                             f"{st[g + 1]}")
+        if not -1 <= ad[g] < n:
+            raise ValueError(f"{op}: plan_adapters[{g}] = {ad[g]} is out of range for a pool of "
+                             f"{n} adapters (valid: -1 for none, 0..{n - 1})")
+        if g and ad[g - 1] >= ad[g]:
+            raise ValueError(f"{op}: plan_adapters must be strictly increasing (one group per "
+                             f"adapter), got plan_adapters[{g - 1}] = {ad[g - 1]} and "
+                             f"plan_adapters[{g}] = {ad[g]}")
+    seen = [False] * T
+    for g in range(G):
+        for p in range(st[g], st[g + 1]):
+            t = o[p]
+            if not (0 <= t < T) or seen[t]:
+                raise ValueError(f"{op}: plan_order is not a permutation of the {T} tokens "
+                                 f"(plan_order[{p}] = {t})")
+            seen[t] = True
+            if idl[t] != ad[g]:
+                raise ValueError(f"{op}: the plan does not match adapter_ids: token {t} "
+                                 f"(plan_order[{p}]) is in the group of adapter {ad[g]} but "
+                                 f"adapter_ids[{t}] = {idl[t]}")
+            if p != st[g] and o[p - 1] >= t:
+                raise ValueError(f"{op}: plan_order is not a stable sort of adapter_ids "
+                                 f"(plan_order[{p - 1}] = {o[p - 1]} before plan_order[{p}] = "
+                                 f"{t} in one group)")
+
+
+def _check_batched_plan(op, ids, plan, masks, values, value_starts, offsets, distributions,
+                        rank) -> None:
+    """With a plan the ids are neither grouped nor checked ("on" trusts the plan: AdapterPool
+    builds it from the ids it validated; no sync); "full" verifies it against the ids and then
+    checks as without a plan. B's contents (CPU tensors under "on") are checked for the plan's
+    adapters."""
+    if validation.get_validation() == "full":
+        verify_plan(op, ids, *plan, masks.shape[0])
+        _check_batched_contents(op, ids, masks, values, value_starts, offsets, distributions,
+                                rank)
+    elif validation.validate_contents(ids.device):
+        ad = plan[2]
+        used = ad[(ad >= 0) & (ad < masks.shape[0])].long()
+        _check_used_bitmasks(op, used, masks, offsets, rank)
+
+
 def _raise_bad_adapter(op, a, n_values, value_starts, offsets, distributions):
     off = offsets[a].tolist()
     vs, nnz, d = int(value_starts[a]), off[-1], int(distributions[a])
@@ -203,35 +269,49 @@ def _pool(masks, values, value_starts, offsets, seeds, scales, distributions):
 
 @torch.library.register_kernel("lori::triton_batched_sparse_delta", ("cpu", "cuda"))
 def _triton_batched_sparse_delta(x, adapter_ids, masks, values, value_starts, offsets, seeds,
-                                 scales, distributions, rank, base=None):
+                                 scales, distributions, rank, base=None, plan_order=None,
+                                 plan_starts=None, plan_adapters=None):
     op = "triton_batched_sparse_delta"
     rules.batched(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
                   distributions, rank)
     if base is not None:
         rules.like_output(op, "base", base, x, masks.shape[1])
+    rules.batched_plan(op, x, plan_order, plan_starts, plan_adapters)
     _check_runnable(op, x)
-    _check_batched_contents(op, adapter_ids, masks, values, value_starts, offsets, distributions,
-                            rank)
+    plan = _plan_or_none(plan_order, plan_starts, plan_adapters)
+    if plan is None:
+        _check_batched_contents(op, adapter_ids, masks, values, value_starts, offsets,
+                                distributions, rank)
+    else:
+        _check_batched_plan(op, adapter_ids, plan, masks, values, value_starts, offsets,
+                            distributions, rank)
     pool = _pool(masks, values, value_starts, offsets, seeds, scales, distributions)
     with _on(x):
-        return _batched.batched_fwd(x, adapter_ids, *pool, rank, base, INTERPRET)
+        return _batched.batched_fwd(x, adapter_ids, *pool, rank, base, INTERPRET, plan)
 
 
 @torch.library.register_kernel("lori::triton_batched_sparse_delta_backward", ("cpu", "cuda"))
 def _triton_batched_sparse_delta_backward(grad_y, x, adapter_ids, masks, values, value_starts,
                                           offsets, seeds, scales, distributions, rank, need_x,
-                                          need_values):
+                                          need_values, plan_order=None, plan_starts=None,
+                                          plan_adapters=None):
     op = "triton_batched_sparse_delta_backward"
     rules.batched(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
                   distributions, rank)
     rules.like_output(op, "grad_y", grad_y, x, masks.shape[1])
+    rules.batched_plan(op, x, plan_order, plan_starts, plan_adapters)
     _check_runnable(op, x)
-    _check_batched_contents(op, adapter_ids, masks, values, value_starts, offsets, distributions,
-                            rank)
+    plan = _plan_or_none(plan_order, plan_starts, plan_adapters)
+    if plan is None:
+        _check_batched_contents(op, adapter_ids, masks, values, value_starts, offsets,
+                                distributions, rank)
+    else:
+        _check_batched_plan(op, adapter_ids, plan, masks, values, value_starts, offsets,
+                            distributions, rank)
     pool = _pool(masks, values, value_starts, offsets, seeds, scales, distributions)
     with _on(x):
         return _batched.batched_bwd(grad_y, x, adapter_ids, *pool, rank, bool(need_x),
-                                    bool(need_values), INTERPRET)
+                                    bool(need_values), INTERPRET, plan)
 
 
 # ---- autograd: gradients for x and values; A is frozen ------------------------------------------
@@ -260,22 +340,23 @@ torch.library.register_autograd("lori::triton_sparse_delta", _backward,
 # ---- batched autograd (x, values and base get gradients) ----------------------------------
 
 def _batched_setup_context(ctx, inputs, output):
-    x, ids, masks, values, value_starts, offsets, seeds, scales, dists, rank, base = inputs
+    (x, ids, masks, values, value_starts, offsets, seeds, scales, dists, rank, base, *plan) = inputs
     ctx.save_for_backward(x, ids, masks, values, value_starts, offsets, seeds, scales, dists)
     ctx.rank = rank
     ctx.has_base = base is not None
+    ctx.plan = tuple(plan) + (None,) * (3 - len(plan))  # the backward reuses the step's plan
 
 
 def _batched_backward(ctx, grad_y):
-    # Input order: x 0, adapter_ids 1, masks 2, values 3, ..., rank 9, base 10.
+    # Input order: x 0, adapter_ids 1, masks 2, values 3, ..., rank 9, base 10, plan 11-13.
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     need_base = ctx.has_base and ctx.needs_input_grad[10]
     gx = gv = None
     if need_x or need_values:
         gx, gv = torch.ops.lori.triton_batched_sparse_delta_backward(
-            grad_y.contiguous(), *ctx.saved_tensors, ctx.rank, need_x, need_values)
+            grad_y.contiguous(), *ctx.saved_tensors, ctx.rank, need_x, need_values, *ctx.plan)
     return (gx if need_x else None, None, None, gv if need_values else None, None, None, None,
-            None, None, None, grad_y if need_base else None)
+            None, None, None, grad_y if need_base else None, None, None, None)
 
 
 torch.library.register_autograd("lori::triton_batched_sparse_delta", _batched_backward,
