@@ -270,7 +270,8 @@ def test_opcheck(backend, dtype, id_sets):
 
 
 @pytest.mark.parametrize("backend,pool_dims", cases({
-    "cpu": [(4, 48, 64, 16, 11)], "triton": [(4, T_IN, 64, T_RANK, 39)]}), ids=pytest_id)
+    "cpu": [((4, 48, 64, 16, 11),)], "triton": [((4, T_IN, 64, T_RANK, 39),)]}),
+    ids=pytest_id)
 def test_torch_compile_fullgraph(backend, pool_dims):
     n, inp, out, rank, seed = pool_dims
     g = _gen(13)
@@ -307,7 +308,8 @@ def _both(backend, a, exc, msg):
 
 @pytest.mark.parametrize("bad_id", [4, 1000, -2])
 @pytest.mark.parametrize("backend,pool_dims", cases({
-    "cpu": [(IN, OUT, RANK)], "triton": [(T_IN, T_OUT, T_RANK)], "cuda": [(IN, OUT, RANK)]}),
+    "cpu": [((IN, OUT, RANK),)], "triton": [((T_IN, T_OUT, T_RANK),)],
+    "cuda": [((IN, OUT, RANK),)]}),
     ids=pytest_id)
 def test_adapter_id_out_of_range(backend, pool_dims, bad_id):
     pool = make_pool(4, *pool_dims, seed=12)  # capacity 4: ids 0..3 are slots
