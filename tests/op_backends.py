@@ -79,6 +79,11 @@ class Backend(str):
             return PackedB(self.to(obj.mask), self.to(obj.values), self.to(obj.offsets), obj.rank)
         return copy.deepcopy(obj).to(dev)  # an AdapterPool (its .to moves it in place)
 
+    def on(self, t: torch.Tensor) -> torch.Tensor:
+        """t itself when it is on this backend's device already (views keep their strides),
+        else a copy there."""
+        return t if t.device.type == torch.device(self.device).type else t.to(self.device)
+
     def sparse_delta(self, x, b, seed, dist, scale, values=None):
         """The raw forward op on b (already on the device) and x."""
         v = b.values if values is None else values

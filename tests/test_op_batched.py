@@ -38,9 +38,11 @@ def _pool(n, inp, out, rank, dtype, seed):
 
 
 def _run(backend, x, ids, pool, base=None):
-    """The public wrapper on the backend's device; the result on the CPU."""
-    y = L.batched_sparse_delta(backend.to(x), backend.to(ids), backend.to(pool),
-                               base=None if base is None else backend.to(base),
+    """The public wrapper on the backend's device (x, ids and base keep their strides where
+    they are there already); the result on the CPU."""
+    pool = pool if backend.device == "cpu" else backend.to(pool)  # read-only here
+    y = L.batched_sparse_delta(backend.on(x), backend.on(ids), pool,
+                               base=None if base is None else backend.on(base),
                                backend=backend.route)
     assert y.device.type == torch.device(backend.device).type
     return y.cpu()

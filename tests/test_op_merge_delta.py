@@ -40,8 +40,7 @@ def _merge_args(backend, dtype=torch.float32):
             8, 1, "rademacher", 1.0]
 
 
-@pytest.mark.parametrize("backend", backends("cpu", "triton"))
-@pytest.mark.parametrize("mutate,exc,msg", [
+_MERGE_BAD = [
     (lambda a: a.__setitem__(0, a[0][0]), ValueError, "weight must be 2-D"),
     (lambda a: a.__setitem__(0, a[0][:19]), ValueError, "weight has 19 rows"),
     (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "weight must be float"),
@@ -53,7 +52,26 @@ def _merge_args(backend, dtype=torch.float32):
     (lambda a: a.__setitem__(4, 0), ValueError, "rank must be in"),
     (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
     (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
-])
+]
+# The C++ CPU merge_delta_ names the weight "x" in these two messages (csrc/cpu): a clear error
+# must name the argument the caller passed.
+_NAMES_WEIGHT_X = {"weight must be float", "values dtype .* must match weight"}
+
+
+def _merge_bad_params():
+    out = []
+    for be in backends("cpu", "triton"):
+        for mutate, exc, msg in _MERGE_BAD:
+            marks = list(be.marks)
+            if be.values[0] == "cpu" and msg in _NAMES_WEIGHT_X:
+                marks.append(pytest.mark.xfail(strict=True, reason="the C++ CPU merge_delta_ "
+                                               "calls the weight 'x' in this error"))
+            out.append(pytest.param(mutate, exc, msg, be.values[0], marks=marks,
+                                    id=f"{msg}-{be.values[0]}"))
+    return out
+
+
+@pytest.mark.parametrize("mutate,exc,msg,backend", _merge_bad_params())
 def test_merge_bad_arguments(mutate, exc, msg, backend):
     a = _merge_args(backend)
     mutate(a)
