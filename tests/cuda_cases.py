@@ -4,7 +4,6 @@ torch in the same dtype on the GPU as the yardstick), and the batched pools (a C
 CUDA copy) with per-adapter bounds. Nothing here launches a kernel at import."""
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
@@ -15,6 +14,7 @@ from lori_kernels.packing import pack_bitmask
 from lori_kernels.testing import tolerance_bound
 
 from batched_cases import make_pool
+from op_backends import copy_pool
 
 ops = torch.ops.lori
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -70,7 +70,7 @@ def _bpool(n, inp, out, rank, dtype, seed, device):
 def _bpools(n, inp=B_IN, out=B_OUT, rank=B_RANK, dtype=torch.float32, seed=1):
     """(CPU pool, CUDA pool) with the same adapters. Treat as read-only."""
     cpu = _bpool(n, inp, out, rank, dtype, seed, "cpu")
-    return cpu, copy.deepcopy(cpu).to("cuda")
+    return cpu, copy_pool(cpu, "cuda")
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,6 @@ machine cannot run is collected and skipped with the reason.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -77,7 +76,7 @@ class Backend(str):
             return obj.detach().clone().to(dev).requires_grad_(obj.requires_grad)
         if isinstance(obj, PackedB):
             return PackedB(self.to(obj.mask), self.to(obj.values), self.to(obj.offsets), obj.rank)
-        return copy.deepcopy(obj).to(dev)  # an AdapterPool (its .to moves it in place)
+        return copy_pool(obj, dev)  # an AdapterPool (its .to moves it in place)
 
     def on(self, t: torch.Tensor) -> torch.Tensor:
         """t itself when it is on this backend's device already (views keep their strides),
@@ -108,6 +107,20 @@ class Backend(str):
     def batched_args(self, pool):
         """pool.op_args() on the device (pool: a CPU AdapterPool; the result shares nothing)."""
         return [self.to(t) if isinstance(t, torch.Tensor) else t for t in pool.op_args()]
+
+
+def copy_pool(pool, device) -> "L.AdapterPool":
+    """The same adapters in the same slots, in a new pool on device (an AdapterPool holds a
+    lock, so it cannot be deep-copied; its .to moves it in place)."""
+    new = L.AdapterPool(pool.in_features, pool.out_features, pool.rank, dtype=pool.dtype,
+                        capacity=pool.capacity)
+    for slot, name in enumerate(pool._names):
+        if name is None:  # free slots at the end only (asserted by the slot check below)
+            continue
+        e = pool.get(name)
+        assert new.add(name, e.packed, seed=e.seed, distribution=e.distribution,
+                       scale=e.scale) == slot, "copy_pool: a free slot before a live one"
+    return new.to(device)
 
 
 def _marks(name: str):
