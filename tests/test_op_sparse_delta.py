@@ -345,7 +345,7 @@ def test_corrupt_bitmask_is_caught_not_read_out_of_bounds(backend):
     ]:
         for op_args in ([a[0], m, v, o, *a[4:]],):
             with pytest.raises(ValueError, match=msg):
-                backend.op("sparse_delta")(op_args)
+                backend.op("sparse_delta")(*op_args)
             with pytest.raises(ValueError, match=msg):
                 torch.ops.lori.sparse_delta_backward(torch.ones(3, 130), *op_args, True, True)
 
@@ -355,7 +355,7 @@ def test_device_mismatch_is_named(backend):
     a = _args(backend)
     a[1] = a[1].to("meta")
     with pytest.raises((RuntimeError, NotImplementedError), match="mask|meta"):
-        backend.op("sparse_delta")(a)
+        backend.op("sparse_delta")(*a)
 
 
 @pytest.mark.parametrize("backend", backends("cpu"))
