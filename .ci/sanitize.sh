@@ -37,8 +37,8 @@ esac
 set +e
 "$PY" -m pytest -q -ra -p no:cacheprovider -m "not slow" -k "not triton" \
   --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
-  --ignore "$ROOT/tests/test_triton.py" --ignore "$ROOT/tests/test_triton_batched.py" \
-  --ignore "$ROOT/tests/test_cuda.py" "$@" "$ROOT/tests"
+  --ignore "$ROOT/tests/test_backend_triton.py" --ignore "$ROOT/tests/test_backend_cuda.py" \
+  --backends cpu "$@" "$ROOT/tests"
 rc=$?
 echo "sanitize: build $((built - start))s, tests $(( $(date +%s) - built ))s, rc=$rc"
 [ "$rc" -eq 5 ] && { echo "sanitize: no tests collected" >&2; exit 1; }

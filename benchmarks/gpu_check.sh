@@ -12,8 +12,10 @@
 #   probe         interpreter, torch, GPU (a CUDA init that hangs is cut off too)
 #   build         setup.py build_ext with the CUDA sources (cap LORI_GPU_CHECK_BUILD_TIMEOUT, 300)
 #   import        lori_kernels loads (its _C and ops register)
-#   tests_cuda    tests/test_cuda.py -m "not slow" -k "not batched"      (cap ..._TEST_TIMEOUT, 150)
-#   tests_batched tests/test_cuda.py -m "not slow" -k batched            (cap ..._BATCHED_TIMEOUT, 90)
+#   tests_cuda    the op tests' CUDA cases but batched (pytest --backends cuda, tests/test_op_*.py,
+#                 tests/test_backend_cuda.py)                          (cap ..._TEST_TIMEOUT, 150)
+#   tests_batched the batched op's CUDA cases (tests/test_op_batched.py, test_backend_cuda.py's
+#                 test_batched_*)                                      (cap ..._BATCHED_TIMEOUT, 90)
 #   bench_cuda    gpu_check.py --providers cuda,dense                    (cap ..._BENCH_TIMEOUT, 150)
 #   tests_triton  the Triton tests' GPU-sized subset (pytest --gpu-subset, tests/gpu_subset.py)
 #                 with LORI_TRITON_VARIANTS counting JIT variants     (cap ..._TRITON_TIMEOUT, 150)
@@ -256,8 +258,13 @@ run_tests() {  # run_tests NAME CAP PYTEST_ARGS...   (runs "${runner[@]}" -m pyt
   return $rc
 }
 
-run_tests tests_cuda "${LORI_GPU_CHECK_TEST_TIMEOUT:-150}" tests/test_cuda.py -k "not batched"
-run_tests tests_batched "${LORI_GPU_CHECK_BATCHED_TIMEOUT:-90}" tests/test_cuda.py -k batched
+# The op tests run on every backend: --backends cuda keeps their CUDA cases (tests/conftest.py).
+cuda_tests=(tests/test_op_sparse_delta.py tests/test_op_merge_delta.py tests/test_op_random_a.py
+            tests/test_op_batched.py tests/test_backend_cuda.py)
+run_tests tests_cuda "${LORI_GPU_CHECK_TEST_TIMEOUT:-150}" --backends cuda "${cuda_tests[@]}" \
+  -k "not test_op_batched and not test_batched"
+run_tests tests_batched "${LORI_GPU_CHECK_BATCHED_TIMEOUT:-90}" --backends cuda "${cuda_tests[@]}" \
+  -k "test_op_batched or test_batched"
 
 # ---- benchmark: CUDA and dense rows -------------------------------------------------------------
 bench_args=(benchmarks/gpu_check.py --out "$result" --stages "$stages" --variants "$variants")
@@ -273,7 +280,9 @@ stage bench_cuda "$bench_cap" "$logdir/gpu_check_bench_cuda.log" "$py" "${bench_
 # each a 0.4-2 s sm_90 compile on a cold cache.
 triton_env=(env LORI_TRITON_VARIANTS="$PWD/$variants")
 [ "$dry" = "1" ] && triton_env+=(TRITON_INTERPRET=1)
-tt=(tests/test_triton.py tests/test_triton_batched.py tests/test_triton_corrupt.py tests/test_triton_compile.py)
+tt=(tests/test_op_sparse_delta.py tests/test_op_merge_delta.py tests/test_op_random_a.py
+    tests/test_op_batched.py tests/test_backend_triton.py tests/test_triton_corrupt.py
+    tests/test_triton_compile.py)
 runner=("${triton_env[@]}" "$py")
 STAGE_DETAIL="GPU subset" run_tests tests_triton "${LORI_GPU_CHECK_TRITON_TIMEOUT:-150}" \
   --gpu-subset "${tt[@]}"

@@ -1,6 +1,6 @@
-"""Case builders shared by the batched-op tests (test_batched.py: C++ CPU op,
-test_triton_batched.py: Triton, test_cuda.py: CUDA): pools of adapters, adapter-id mixes, the
-per-token loop references and the bad-argument cases of batched_sparse_delta."""
+"""Case builders shared by the batched-op tests (test_op_batched.py on every backend,
+test_adapter_pool.py, test_backend_triton.py, cuda_cases.py): pools of adapters, adapter-id
+mixes, the per-token loop references and the bad-argument cases of batched_sparse_delta."""
 import functools
 
 import torch

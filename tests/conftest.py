@@ -28,12 +28,27 @@ def _restore_backend_and_validation():
 def pytest_addoption(parser):
     parser.addoption("--gpu-subset", action="store_true", default=False,
                      help="run the GPU-sized subset of the Triton tests (tests/gpu_subset.py)")
+    parser.addoption("--backends", default=None, metavar="NAMES",
+                     help="comma-separated backends (cpu, triton, cuda): deselect the op tests "
+                          "of the other backends (tests/gpu_subset.py: backend_of)")
 
 
 def pytest_collection_modifyitems(config, items):
+    from gpu_subset import backend_of, select
+    dropped = []
+    names = config.getoption("--backends")
+    if names:
+        want = {n.strip() for n in names.split(",") if n.strip()}
+        bad = want - {"cpu", "triton", "cuda"}
+        if bad:
+            raise pytest.UsageError(f"--backends: unknown backend(s) {sorted(bad)}")
+        kept = []
+        for it in items:
+            b = backend_of(it)
+            (kept if b is None or b in want else dropped).append(it)
+        items[:] = kept
     if config.getoption("--gpu-subset"):
-        from gpu_subset import select
-        kept, dropped = select(items)
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = kept
+        items[:], more = select(items)
+        dropped += more
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)

@@ -1,5 +1,9 @@
 """The GPU-sized subset of the Triton tests (`pytest --gpu-subset`, used by gpu_check.sh).
 
+The op tests (tests/test_op_*.py) run on every backend: the subset keeps their "triton" cases
+only, with tests/test_backend_triton.py and the other Triton files, and drops the CUDA
+backend's file (those run in the check's own CUDA stages, `--backends cuda`).
+
 On a cold Triton cache every distinct JIT variant is a separate 0.4-2 s sm_90 compile, and the
 full Triton suite launches ~170 of them (lori_kernels/triton/variants.py counts them). The
 subset drops the tests about API and shape variety (OFF_GPU), runs fp16 only where dtypes are
@@ -18,12 +22,25 @@ def _p(item) -> dict:
     return dict(cs.params) if cs is not None else {}
 
 
+def backend_of(item) -> str | None:
+    """The backend an item tests: its `backend` parameter (tests/op_backends.py), else "cuda"
+    or "triton" for tests/test_backend_<name>.py, else None (not a backend's test)."""
+    b = _p(item).get("backend")
+    if b is not None:
+        return str(b)
+    mod = getattr(getattr(item, "module", None), "__name__", "") or ""
+    mod = mod.rsplit(".", 1)[-1]
+    if mod.startswith("test_backend_"):
+        return mod[len("test_backend_"):]
+    return None
+
+
 # Tests whose point is API or shape variety that the interpreter run already covers (views,
 # 3-D inputs, torch.compile, opcheck, gradcheck on odd shapes, ranks): each brings JIT variants
 # of its own and no GPU-specific code path.
 OFF_GPU = {
-    "test_forward_ranks", "test_forward_noncontiguous_and_3d", "test_forward_close_to_cpp",
-    "test_backward_needs_input_grad", "test_torch_compile_fullgraph", "test_opcheck",
+    "test_forward_shapes_and_ranks", "test_forward_noncontiguous_and_3d",
+    "test_forward_close_to_cpp", "test_backward_needs_input_grad", "test_torch_compile_fullgraph", "test_opcheck",
     "test_merge_opcheck", "test_merge_noncontiguous_weight_and_env_backend",
     "test_random_a_fill_noncontiguous_out", "test_opcheck_random_a_fill",
     "test_base_accumulate_3d_and_noncontiguous", "test_backward_long_segment_and_needs_input_grad",
@@ -34,6 +51,8 @@ OFF_GPU = {
 def keep(item) -> bool:
     """True when the test belongs to the GPU subset."""
     name = item.originalname if hasattr(item, "originalname") else item.name
+    if backend_of(item) not in (None, "triton"):
+        return False
     if name in OFF_GPU:
         return False
     p = _p(item)

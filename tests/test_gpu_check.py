@@ -29,7 +29,7 @@ def test_report_update_needs_no_torch(tmp_path):
     stages = tmp_path / "s.tsv"
     stages.write_text("probe\tok\t3\tx\nbuild\tfailed\t120\trc=1; ninja\n")
     log = tmp_path / "t.log"
-    log.write_text("FAILED tests/test_cuda.py::test_x - boom\n"
+    log.write_text("FAILED tests/test_op_sparse_delta.py::test_x[cuda] - boom\n"
                    "+++++++++++++++++++ Timeout +++++++++++++++++++\n"
                    "1 failed, 7 passed, 2 skipped in 3.21s\n")
     out = tmp_path / "r.json"
