@@ -21,10 +21,11 @@ Reported per adapter (LoRI-S after the switch; PEFT LoRA): trainable parameters,
 bytes (the optimizer Trainer holds at the end), adapter directory bytes (save_model /
 save_pretrained, fp32), median step time per phase (wall time from on_step_begin to
 on_step_end, the first step of each phase dropped), final loss (the last logged training
-loss, and the one at the end of LoRI-D). With --runs N each figure is printed as min / median / max over N runs; run i uses
-Trainer seed i (data order, PEFT's A initialisation) and LoRI seed 2025 + i.
+loss, and the one at the end of LoRI-D). With --runs N each figure is printed as min / median /
+max over N runs; run i (from --first-run) uses Trainer seed i (data order, PEFT's A
+initialisation) and LoRI seed 2025 + i.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python examples/minilm_trainer.py [--steps 20 --runs 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/minilm_trainer.py [--steps 40 --sparse-lr 1e-2 --runs 3]
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def one_run(args, load, tok, run: int, tmp: str) -> dict:
     timer = step_timer()
     t = with_contrastive_loss(LoRITrainer)(
         lori, targs(os.path.join(tmp, f"lori{run}")), train_dataset=Pairs(args.task),
-        data_collator=collator(tok), callbacks=[timer], dense_steps=args.dense_steps)
+        data_collator=collator(tok), callbacks=[timer], dense_steps=args.dense_steps,
+        sparse_learning_rate=args.sparse_lr)
     row["n_adapted"] = sum(1 for mod in lori.modules() if hasattr(mod, "adapters"))
     t.remove_callback(transformers.trainer_callback.PrinterCallback)  # the table says it all
     t.train()
@@ -212,17 +214,24 @@ def spread(vals, fmt) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps in all")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps in all")
     ap.add_argument("--dense-steps", type=int, default=None,
                     help="LoRI-D steps before the switch (default: half of --steps)")
     ap.add_argument("--batch", type=int, default=8, help="sentence pairs per step (<= 8)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=64.0)
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="learning rate of PEFT LoRA and of LoRI-D")
+    # LoRI-S restarts from B = 0 with a tenth of B's entries: at LoRI-D's rate its loss was
+    # still 6.7 after 10 steps; at 10x it reached 0.02-0.03 in 20 (measured, README)
+    ap.add_argument("--sparse-lr", type=float, default=1e-2,
+                    help="learning rate of LoRI-S (0 or less: --lr)")
     ap.add_argument("--task", choices=("rotated", "paraphrase"), default="rotated",
                     help="partner of left sentence i: right i+1 (default) or its paraphrase")
     ap.add_argument("--runs", type=int, default=1, help="repeat; figures as min/median/max")
+    ap.add_argument("--first-run", type=int, default=0,
+                    help="index of the first run (its seeds), to split --runs over processes")
     ap.add_argument("--layers", type=int, default=None,
                     help="keep only the first N encoder layers (quick checks)")
     args = ap.parse_args(argv)
@@ -233,6 +242,8 @@ def main(argv=None):
                  f"--steps {args.steps}")
     if not 2 <= args.batch <= len(PAIRS):
         ap.error(f"--batch must be in [2, {len(PAIRS)}] (in-batch negatives), got {args.batch}")
+    if args.sparse_lr <= 0:
+        args.sparse_lr = args.lr
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
     import peft
@@ -240,7 +251,7 @@ def main(argv=None):
     load, tok = load_minilm(args.layers)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in range(args.runs):
+        for run in range(args.first_run, args.first_run + args.runs):
             rows.append(one_run(args, load, tok, run, tmp))
 
     n_layers = rows[0]["n_adapted"]
@@ -248,7 +259,7 @@ def main(argv=None):
           f"{n_layers} adapted Linear layers ({', '.join(TARGETS)}), r={args.rank}, "
           f"alpha={args.alpha:g}, sparsity {args.sparsity}, task {args.task} (synthetic), batch {args.batch} pairs, "
           f"{args.steps} steps ({args.dense_steps} LoRI-D + {args.steps - args.dense_steps} "
-          f"LoRI-S), lr {args.lr:g} constant; {args.runs} run(s)"
+          f"LoRI-S), lr {args.lr:g} (LoRI-S {args.sparse_lr:g}) constant; {args.runs} run(s)"
           f"{' (min / median / max)' if args.runs > 1 else ''}; "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, peft {peft.__version__}")

@@ -239,6 +239,30 @@ def test_calibrate_global_is_lori_topk():
         calibrate_masks(model, 0.9)
 
 
+@pytest.mark.parametrize("scope", ["global", "projection"])
+def test_calibrate_progress_counts_layers(monkeypatch, scope):
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    bars = []
+
+    class Counting(tqdm_auto.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+    monkeypatch.setattr(tqdm_auto, "tqdm", Counting)
+    model = tiny_llama()
+    inject(model, LLAMA_TARGETS, rank=8, alpha=16, seed=3)
+    randomize(model)
+    calibrate_masks(model, 0.9, scope=scope, apply=False, progress=True)
+    # one bar per pass (|B| gathered, masks thresholded), one step per layer: 14 layers, even
+    # with the global scope's single group
+    assert [(b.total, b.n) for b in bars] == [(14, 14), (14, 14)]
+    assert all(b.desc.startswith(f"calibrate ({scope})") for b in bars)
+    bars.clear()
+    calibrate_masks(model, 0.9, scope=scope, apply=False)  # None: hidden under 64 layers
+    calibrate_masks(model, 0.9, scope=scope, apply=False, progress=False)
+    assert bars == []
+
+
 def test_combine_cat_and_linear():
     model = tiny_llama()
     inject(model, LLAMA_TARGETS, rank=4, alpha=8, seed=1, adapter_name="t1")

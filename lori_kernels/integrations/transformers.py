@@ -6,7 +6,14 @@ mask from |B| (LoRIModel.calibrate: sparsity, scope and init from the adapter's 
 then LoRI-S on that mask for the remaining steps. The switch replaces B's values Parameters,
 so the optimizer and LR scheduler are built again over the new ones; each phase has its own
 schedule (args.lr_scheduler_type and warmup over that phase's steps), as the two runs of the
-LoRI recipe.
+LoRI recipe, and LoRI-S may have its own peak learning rate (sparse_learning_rate): it restarts
+from B = 0 with a tenth of the entries, so the LoRI-D rate can leave it far from converged.
+
+Mixed precision is Trainer's (bf16 / fp16). With fp16 the GradScaler is accelerate's, one per
+run: the switch keeps it (its scale carries over into LoRI-S) and hands it to the LoRI-S
+optimizer; an overflow step is skipped in either phase, packed values and AdamW state untouched.
+On the CPU accelerate turns fp16=True into plain fp32 (no autocast, no scaler): LoRITrainer
+warns rather than let that pass for fp16 training.
 
 A TrainerCallback alone cannot do this: the training loop holds `trainer.optimizer` and
 `trainer.lr_scheduler`, which a callback may read but not replace.
@@ -22,7 +29,9 @@ loss curve continues exactly as an uninterrupted run's.
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 
 import torch
 from transformers import Trainer
@@ -61,6 +70,8 @@ class LoRITrainer(Trainer):
       Neither: no switch, the adapter trains in the phase it is in (e.g. LoRI-S on masks set
       with LoRIModel.to_sparse), still with adapter-only checkpoints.
     adapter_name: the adapter to train (default: the model's only active one).
+    sparse_learning_rate: peak learning rate of LoRI-S (default: args.learning_rate, as LoRI-D),
+      whether LoRI-S follows a switch or is the phase the adapter is in.
     Every other argument is Trainer's; `optimizers=(optimizer, scheduler)` is refused when a
     switch is planned (they could not be rebuilt over the LoRI-S Parameters): use
     `optimizer_cls_and_kwargs` or TrainingArguments.optim instead.
@@ -68,7 +79,7 @@ class LoRITrainer(Trainer):
 
     def __init__(self, model=None, args=None, *pos, dense_steps: int | None = None,
                  dense_fraction: float | None = None, adapter_name: str | None = None,
-                 **kwargs):
+                 sparse_learning_rate: float | None = None, **kwargs):
         if not isinstance(model, LoRIModel):
             raise ValueError(f"LoRITrainer: model must be a LoRIModel (get_lori_model), got "
                              f"{type(model).__name__}")
@@ -83,6 +94,13 @@ class LoRITrainer(Trainer):
                                            not 0.0 < dense_fraction < 1.0):
             raise ValueError(f"LoRITrainer: dense_fraction must be in (0, 1), got "
                              f"{dense_fraction!r}")
+        if sparse_learning_rate is not None and (
+                isinstance(sparse_learning_rate, bool) or
+                not isinstance(sparse_learning_rate, (int, float)) or
+                not math.isfinite(sparse_learning_rate) or sparse_learning_rate <= 0):
+            raise ValueError(f"LoRITrainer: sparse_learning_rate must be a finite float > 0, got "
+                             f"{sparse_learning_rate!r}")
+        self.sparse_learning_rate = sparse_learning_rate
         name = adapter_name or model._phase_adapter(None)
         if name not in model.peft_config:
             raise ValueError(f"LoRITrainer: no adapter {name!r} (adapters: "
@@ -99,6 +117,12 @@ class LoRITrainer(Trainer):
             raise ValueError(f"LoRITrainer: adapter {name!r} is already LoRI-S; a switch "
                              "(dense_steps / dense_fraction) needs a LoRI-D adapter")
         super().__init__(model, args, *pos, **kwargs)
+        if self.args.fp16 and getattr(self.accelerator, "scaler", None) is None and \
+                not getattr(self.accelerator, "native_amp", False):
+            warnings.warn("LoRITrainer: fp16=True, but accelerate runs neither autocast nor a "
+                          f"GradScaler on {self.accelerator.device.type!r}: this run trains in "
+                          "fp32 (bf16=True is the mixed precision accelerate runs on the CPU)",
+                          stacklevel=2)
         self.switch_step: int | None = None
         self._checkpoint_switch_step: int | None = None
 
@@ -120,6 +144,15 @@ class LoRITrainer(Trainer):
             raise ValueError(f"LoRITrainer: the checkpoint switched to LoRI-S at step "
                              f"{self._checkpoint_switch_step}, this run would at step {step}")
         return step
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        opt = super().create_optimizer(model)
+        if fresh and self.sparse_learning_rate is not None and self.lori_phase == "sparse":
+            # before the scheduler is built: it takes each group's lr as its peak
+            for g in getattr(opt, "optimizer", opt).param_groups:
+                g["lr"] = self.sparse_learning_rate
+        return opt
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # Trainer asks for the whole run's schedule; each LoRI phase gets its own.

@@ -65,6 +65,8 @@ def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "globa
     numbered block, e.g. model.layers.3), "projection" (per module name, e.g. all q_proj), or
     "matrix" (per B). With apply=True the adapter switches to LoRI-S: init="zero" re-initialises
     B to zero on the mask (LoRI), init="keep" keeps the LoRI-D values there. A is unchanged.
+    progress: tqdm bars (when tqdm is installed), one per pass with one step per adapted layer:
+    |B| gathered, then compared with its group's threshold; None shows them from 64 layers.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -85,24 +87,32 @@ def calibrate_masks(model: nn.Module, sparsity: float = 0.9, scope: str = "globa
     groups: dict[str, list[str]] = defaultdict(list)
     for n in layers:
         groups[_group_key(n, scope)].append(n)
-    masks = {}
-    for members in progress_bar(groups.values(), desc=f"calibrate ({scope})", disable=not show,
-                        unit="group"):
+    masks: dict[str, torch.Tensor] = {}
+    for members in groups.values():
         if sharded.intersection(members):  # FSDP2: exact threshold over the local shards
             got, all_zero = sharded_masks({n: layers[n].adapters[adapter_name]
                                            for n in members}, sparsity)
             masks.update(got)
             if all_zero:
                 _warn_zero(members)
-            continue
-        mags = [layers[n].adapters[adapter_name].dense_b().float().abs() for n in members]
-        flat = torch.cat([m.flatten() for m in mags])
+    plain = {k: m for k, m in groups.items() if not sharded.intersection(m)}
+    plain_layers = [n for members in plain.values() for n in members]
+    # Two passes with a bar each, one step per layer: the global scope is a single group, so
+    # a bar per group would show one step for the whole model.
+    mags = {n: layers[n].adapters[adapter_name].dense_b().float().abs()
+            for n in progress_bar(plain_layers, desc=f"calibrate ({scope}) 1/2: |B|",
+                                  disable=not show, unit="layer")}
+    thresholds = {}
+    for key, members in plain.items():
+        flat = torch.cat([mags[n].flatten() for n in members])
         if not flat.any():
             _warn_zero(members)
         k = max(1, int((1.0 - sparsity) * flat.numel()))
-        threshold = _kth_largest(flat, k)
-        for n, m in zip(members, mags):
-            masks[n] = m >= threshold
+        thresholds[key] = _kth_largest(flat, k)
+    masks.update({n: mags[n] >= thresholds[_group_key(n, scope)]
+                  for n in progress_bar(plain_layers, desc=f"calibrate ({scope}) 2/2: masks",
+                                        disable=not show, unit="layer")})
+    masks = {n: masks[n] for n in layers}  # the model's layer order, whichever path built them
     if apply:
         to_sparse(model, masks, adapter_name=adapter_name, init=init)
     return masks
