@@ -155,8 +155,9 @@ def shrink_backward(op: str, grad_h, width, dtype, r, dist, col_start, n_in) -> 
 def expand(op: str, h, mask, values, offsets, s) -> None:
     """expand / expand_backward: h (..., rank) in the accumulation dtype of values' dtype."""
     _value(h.dim() >= 1, lambda: f"{op}: h must have at least 1 dimension (..., rank)")
-    r = h.shape[-1]
-    rank(op, r)
+    r = h.shape[-1]  # a SymInt when traced with dynamic shapes: no isinstance check
+    _value(1 <= r <= spec.MAX_RANK,
+           lambda: f"{op}: rank must be in [1, {spec.MAX_RANK}], got {r!r}")
     _type(values.dtype in FLOAT_DTYPES,
           lambda: f"{op}: values must be float32, bfloat16, float16 or float64, got "
                   f"{values.dtype}")
