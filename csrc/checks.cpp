@@ -103,10 +103,110 @@ AGenParams make_agen(int64_t seed, int64_t in_features, std::string_view distrib
   return g;
 }
 
+int64_t check_window(const char* op, int64_t col_start, int64_t width, int64_t in_features) {
+  TORCH_CHECK_VALUE(in_features == -1 || in_features >= 1, op,
+                    ": in_features must be >= 1 (A's full width), or -1 for x's width; got ",
+                    in_features);
+  const int64_t n = in_features == -1 ? width : in_features;
+  check_in_features(op, n);
+  TORCH_CHECK_VALUE(col_start >= 0, op, ": col_start must be >= 0, got ", col_start);
+  TORCH_CHECK_VALUE(col_start <= n - width, op, ": col_start + width = ", col_start, " + ",
+                    width, " exceeds in_features = ", n, " (x holds A's columns [col_start, ",
+                    "col_start + x.size(-1)))");
+  return n;
+}
+
+namespace {
+
+// B = (mask, values, offsets) for rank, values in `vt`'s dtype, all on `t`'s device (named
+// xn in messages). Returns out_features.
+int64_t check_packed_b(const char* op, const at::Tensor& t, const char* xn,
+                       const at::Tensor& mask, const at::Tensor& values,
+                       const at::Tensor& offsets, int64_t rank, at::ScalarType vt) {
+  const char* hint = "; move them to the same device";
+  check_same_device(op, "mask", mask, t, hint);
+  check_same_device(op, "values", values, t, hint);
+  check_same_device(op, "offsets", offsets, t, hint);
+  check_dtype(op, "mask", mask, at::kInt);
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(1) == mask_words(static_cast<int>(rank)), op,
+                    ": mask must have shape (out_features, ", mask_words(static_cast<int>(rank)),
+                    ") for rank ", rank, ", got ", mask.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == vt, op, ": values dtype (", values.scalar_type(),
+                   ") must match ", xn, " dtype (", vt, ")");
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D (nnz,), got ",
+                    values.sizes());
+  check_dtype(op, "offsets", offsets, at::kInt);
+  const int64_t out = mask.size(0);
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == num_chunks(out) + 1, op,
+                    ": offsets must have shape (", num_chunks(out) + 1,
+                    ",) for out_features ", out, ", got ", offsets.sizes());
+  TORCH_CHECK_VALUE(values.numel() <= out * rank, op, ": values has ", values.numel(),
+                    " entries, more than out_features * rank = ", out * rank);
+  return out;
+}
+
+}  // namespace
+
+DeltaShape check_shrink_args(const char* op, const at::Tensor& x, int64_t rank, int64_t seed,
+                             std::string_view distribution, int64_t col_start,
+                             int64_t in_features) {
+  check_rank(op, rank);
+  check_x(op, x);
+  check_in_features(op, x.size(-1));
+  DeltaShape s;
+  s.in_features = x.size(-1);
+  s.tokens = x.numel() / s.in_features;
+  s.rank = rank;
+  s.gen = make_agen(seed, check_window(op, col_start, s.in_features, in_features), distribution);
+  s.gen.col0 = col_start;
+  return s;
+}
+
+DeltaShape check_shrink_backward_args(const char* op, const at::Tensor& grad_h, int64_t width,
+                                      at::ScalarType dtype, int64_t rank, int64_t seed,
+                                      std::string_view distribution, int64_t col_start,
+                                      int64_t in_features) {
+  check_rank(op, rank);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                       dtype == at::kDouble,
+                   op, ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  check_in_features(op, width);
+  TORCH_CHECK_VALUE(grad_h.dim() >= 1 && grad_h.size(-1) == rank, op,
+                    ": grad_h must have shape (..., rank = ", rank, "), got ", grad_h.sizes());
+  check_dtype(op, "grad_h", grad_h, acc_dtype_of(dtype));
+  DeltaShape s;
+  s.in_features = width;
+  s.tokens = grad_h.numel() / rank;
+  s.rank = rank;
+  s.gen = make_agen(seed, check_window(op, col_start, width, in_features), distribution);
+  s.gen.col0 = col_start;
+  return s;
+}
+
+DeltaShape check_expand_args(const char* op, const at::Tensor& h, const at::Tensor& mask,
+                             const at::Tensor& values, const at::Tensor& offsets, double scale) {
+  TORCH_CHECK_VALUE(h.dim() >= 1, op, ": h must have at least 1 dimension (..., rank)");
+  const int64_t rank = h.size(-1);
+  check_rank(op, rank);
+  const auto vt = values.scalar_type();
+  TORCH_CHECK_TYPE(vt == at::kFloat || vt == at::kBFloat16 || vt == at::kHalf || vt == at::kDouble,
+                   op, ": values must be float32, bfloat16, float16 or float64, got ", vt);
+  TORCH_CHECK_TYPE(h.scalar_type() == acc_dtype_of(vt), op, ": h must be ",
+                   dtype_name(acc_dtype_of(vt)), " (the accumulation dtype of ", dtype_name(vt),
+                   " values), got ", h.scalar_type());
+  DeltaShape s;
+  s.out_features = check_packed_b(op, h, "the output", mask, values, offsets, rank, vt);
+  check_scale(op, scale, vt);
+  s.rank = rank;
+  s.tokens = h.numel() / rank;
+  s.words = mask.size(1);
+  return s;
+}
+
 DeltaShape check_sparse_delta_args(const char* op, const at::Tensor& x, const at::Tensor& mask,
                                    const at::Tensor& values, const at::Tensor& offsets,
                                    int64_t rank, int64_t seed, std::string_view distribution,
-                                   double scale) {
+                                   double scale, int64_t col_start, int64_t in_features) {
   check_rank(op, rank);
   check_x(op, x);
   const char* hint = "; move them to the same device";
@@ -134,19 +234,21 @@ DeltaShape check_sparse_delta_args(const char* op, const at::Tensor& x, const at
   s.out_features = out;
   s.rank = rank;
   s.words = mask.size(1);
-  s.gen = make_agen(seed, s.in_features, distribution);
+  check_in_features(op, s.in_features);
+  s.gen = make_agen(seed, check_window(op, col_start, s.in_features, in_features), distribution);
+  s.gen.col0 = col_start;
   return s;
 }
 
 DeltaShape check_merge_delta_args(const char* op, const at::Tensor& weight, const at::Tensor& mask,
                                   const at::Tensor& values, const at::Tensor& offsets,
                                   int64_t rank, int64_t seed, std::string_view distribution,
-                                  double scale) {
+                                  double scale, int64_t col_start, int64_t in_features) {
   TORCH_CHECK_VALUE(weight.dim() == 2, op,
                     ": weight must be 2-D (out_features, in_features), got ", weight.sizes());
   // weight stands in for x: its rows are "tokens" of in_features, its dtype is values'.
   const DeltaShape s = check_sparse_delta_args(op, weight, mask, values, offsets, rank, seed,
-                                               distribution, scale);
+                                               distribution, scale, col_start, in_features);
   TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),
                     " rows but mask has out_features = ", s.out_features);
   return s;

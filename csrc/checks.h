@@ -46,11 +46,14 @@ struct AGenParams {
   int dist = 0;             // lori::Distribution
   float magnitude = 0.f;    // fp32 |A| bound (uniform) or value (Rademacher)
   int64_t in_features = 0;  // of the whole A (the bound depends on it)
+  // A's column of the kernel's column 0: x (or a merged weight) holds the column window
+  // [col0, col0 + width) of A, and kernels address A's columns as col0 + their own column.
+  int64_t col0 = 0;
 };
 
 struct DeltaShape {
   int64_t tokens = 0;        // T: x.numel() / in_features
-  int64_t in_features = 0;
+  int64_t in_features = 0;   // x's width: the window's, not the whole A's (that is gen's)
   int64_t out_features = 0;
   int64_t rank = 0;
   int64_t words = 0;         // mask words per row
@@ -60,19 +63,44 @@ struct DeltaShape {
 int parse_distribution(std::string_view distribution);
 AGenParams make_agen(int64_t seed, int64_t in_features, std::string_view distribution);
 
+// The column window [col_start, col_start + width) of an A `in_features` wide (-1: width, the
+// unsharded call). Returns the whole A's in_features; errors name col_start / in_features.
+int64_t check_window(const char* op, int64_t col_start, int64_t width, int64_t in_features);
+
 // Checks x/mask/values/offsets/rank/distribution/scale for sparse_delta and its backward:
 // dtypes, dims, shapes, scale, and that every tensor is on `device` (x's device).
 DeltaShape check_sparse_delta_args(const char* op, const at::Tensor& x, const at::Tensor& mask,
                                    const at::Tensor& values, const at::Tensor& offsets,
                                    int64_t rank, int64_t seed, std::string_view distribution,
-                                   double scale);
+                                   double scale, int64_t col_start = 0,
+                                   int64_t in_features = -1);
 
 // merge_delta_'s checks: weight (out_features, in_features) with weight's dtype for values,
-// plus everything check_sparse_delta_args checks. Shared by the CPU and CUDA kernels.
+// plus everything check_sparse_delta_args checks. Shared by the CPU and CUDA kernels. With a
+// window, weight is the column shard W[:, col_start:col_start + weight.size(1)].
 DeltaShape check_merge_delta_args(const char* op, const at::Tensor& weight, const at::Tensor& mask,
                                   const at::Tensor& values, const at::Tensor& offsets,
                                   int64_t rank, int64_t seed, std::string_view distribution,
-                                  double scale);
+                                  double scale, int64_t col_start = 0,
+                                  int64_t in_features = -1);
+
+// shrink: x (..., width) float; returns the shape with out_features = 0, words = 0.
+DeltaShape check_shrink_args(const char* op, const at::Tensor& x, int64_t rank, int64_t seed,
+                             std::string_view distribution, int64_t col_start,
+                             int64_t in_features);
+
+// shrink_backward: grad_h (..., rank) in the accumulation dtype of `dtype` (x's, a float
+// dtype), width = x's last dimension. Returns the shape of the shrink it differentiates.
+DeltaShape check_shrink_backward_args(const char* op, const at::Tensor& grad_h, int64_t width,
+                                      at::ScalarType dtype, int64_t rank, int64_t seed,
+                                      std::string_view distribution, int64_t col_start,
+                                      int64_t in_features);
+
+// expand / expand_backward: h (..., rank) in the accumulation dtype of values' dtype (fp64 for
+// fp64 values, else fp32), B = (mask, values, offsets) for that rank, on h's device. Returns the
+// shape (tokens = h.numel() / rank, in_features = 0, no generator).
+DeltaShape check_expand_args(const char* op, const at::Tensor& h, const at::Tensor& mask,
+                             const at::Tensor& values, const at::Tensor& offsets, double scale);
 
 void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                   const DeltaShape& s);

@@ -59,40 +59,77 @@ TORCH_LIBRARY(lori, m) {
       "_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
       "str distribution) -> ()");
   // y = scale * (x @ A^T) @ B^T, A from (seed, distribution), B = (mask, values, offsets).
+  // Column window (tensor parallelism): x holds A's columns [col_start, col_start + x.size(-1))
+  // of an A `in_features` wide (-1: x's width), scaled and indexed as the whole A
+  // (docs/spec_a.md), so the sum over column shards is the unsharded result. The same two
+  // arguments, with the same meaning, end every op below that reads A.
   m.def(
       "sparse_delta(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, int seed, "
-      "str distribution, float scale) -> Tensor");
+      "str distribution, float scale, int col_start=0, int in_features=-1) -> Tensor");
   // sparse_delta that also returns h = x @ A^T (T, rank) in fp32 (float64 for float64 x), for
   // the backward to reuse (an empty h means the backend did not keep it).
   m.def(
       "sparse_delta_fwd(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, int seed, "
-      "str distribution, float scale) -> (Tensor, Tensor)");
+      "str distribution, float scale, int col_start=0, int in_features=-1) -> (Tensor, Tensor)");
   // (grad_x, grad_values); each is an empty tensor when its need_* flag is false. h, when
   // given and non-empty, is sparse_delta_fwd's h (skips recomputing x @ A^T).
   m.def(
       "sparse_delta_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor values, "
       "Tensor offsets, int rank, int seed, str distribution, float scale, bool need_x, "
-      "bool need_values, Tensor? h=None) -> (Tensor, Tensor)");
+      "bool need_values, Tensor? h=None, int col_start=0, int in_features=-1) -> (Tensor, Tensor)");
   // weight += scale * B @ A, in place, A generated per column tile (LoRI merge; unmerge
-  // passes -scale). weight is (out_features, in_features).
+  // passes -scale). weight is (out_features, in_features), or with a window the column shard
+  // W[:, col_start:col_start + weight.size(1)].
   m.def(
       "merge_delta_(Tensor(a!) weight, Tensor mask, Tensor values, Tensor offsets, int rank, "
-      "int seed, str distribution, float scale) -> ()");
+      "int seed, str distribution, float scale, int col_start=0, int in_features=-1) -> ()");
+  // The two stages of sparse_delta as ops of their own, so a row-parallel layer can all-reduce
+  // h (T x rank) between them instead of y (T x out):
+  //   shrink: h = x @ A_window^T, (..., rank) in fp32 (float64 for float64 x); no scale, so h
+  //           is exactly sparse_delta_fwd's h and a sum of shards' h is the unsharded h.
+  //   expand: y = scale * h @ B^T, (..., out_features) in values' dtype; h must be in the
+  //           accumulation dtype of values' dtype. The scale is applied here, once.
+  m.def(
+      "shrink(Tensor x, int rank, int seed, str distribution, int col_start=0, "
+      "int in_features=-1) -> Tensor");
+  // grad_x = grad_h @ A_window, (..., width) in `dtype` (x's); grad_h (..., rank) as h.
+  m.def(
+      "shrink_backward(Tensor grad_h, int width, ScalarType dtype, int rank, int seed, "
+      "str distribution, int col_start=0, int in_features=-1) -> Tensor");
+  m.def("expand(Tensor h, Tensor mask, Tensor values, Tensor offsets, float scale) -> Tensor");
+  // (grad_h = scale * grad_y @ B in h's dtype, grad_values = scale * sum_t grad_y[t, o] h[t, k]
+  // per pattern entry); each is an empty tensor when its need_* flag is false.
+  m.def(
+      "expand_backward(Tensor grad_y, Tensor h, Tensor mask, Tensor values, Tensor offsets, "
+      "float scale, bool need_h, bool need_values) -> (Tensor, Tensor)");
   // Triton backend of the ops above (same semantics, kernels in lori_kernels/triton,
   // registered from Python; on CPU tensors they run only under TRITON_INTERPRET=1).
   m.def(
       "triton_sparse_delta(Tensor x, Tensor mask, Tensor values, Tensor offsets, int rank, "
-      "int seed, str distribution, float scale) -> Tensor");
+      "int seed, str distribution, float scale, int col_start=0, int in_features=-1) -> Tensor");
   m.def(
       "triton_sparse_delta_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor values, "
       "Tensor offsets, int rank, int seed, str distribution, float scale, bool need_x, "
-      "bool need_values) -> (Tensor, Tensor)");
+      "bool need_values, int col_start=0, int in_features=-1) -> (Tensor, Tensor)");
   m.def(
       "triton_random_a_fill(Tensor(a!) out, int seed, int in_features, int col_start, "
       "str distribution) -> ()");
   m.def(
       "triton_merge_delta_(Tensor(a!) weight, Tensor mask, Tensor values, Tensor offsets, "
-      "int rank, int seed, str distribution, float scale) -> ()");
+      "int rank, int seed, str distribution, float scale, int col_start=0, "
+      "int in_features=-1) -> ()");
+  m.def(
+      "triton_shrink(Tensor x, int rank, int seed, str distribution, int col_start=0, "
+      "int in_features=-1) -> Tensor");
+  m.def(
+      "triton_shrink_backward(Tensor grad_h, int width, ScalarType dtype, int rank, int seed, "
+      "str distribution, int col_start=0, int in_features=-1) -> Tensor");
+  m.def(
+      "triton_expand(Tensor h, Tensor mask, Tensor values, Tensor offsets, float scale) "
+      "-> Tensor");
+  m.def(
+      "triton_expand_backward(Tensor grad_y, Tensor h, Tensor mask, Tensor values, "
+      "Tensor offsets, float scale, bool need_h, bool need_values) -> (Tensor, Tensor)");
   // ---- batched multi-adapter ops: schemas below this line ---------------------------------
   // Many adapters of one pool (same rank, in_features, out_features) in one batch:
   //   y[t] = base[t] + scales[a] * (x[t] @ A_a^T) @ B_a^T,  a = adapter_ids[t]

@@ -18,7 +18,7 @@ from .backends import get_backend, set_backend, set_validation, use_backend
 from .config import LoRIConfig
 from .model import LoRIModel, PhaseSwitch, get_lori_model
 from .nn import LoRIAdapter, LoRILinear, LoRIPoolLinear
-from .ops import batched_sparse_delta, merge_delta_, random_a, sparse_delta
+from .ops import batched_sparse_delta, expand, merge_delta_, random_a, shrink, sparse_delta
 from .packing import PackedB, pack_bitmask, unpack_bitmask
 from .pool import AdapterPool, PoolPlan, PoolSnapshot, SlotId
 from .serving import ServingModel
@@ -33,8 +33,8 @@ __all__ = [
     "AdapterPool", "DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "LoRIAdapter", "LoRIConfig",
     "LoRILinear", "LoRIModel", "LoRIPoolLinear", "PackedB", "PhaseSwitch", "PoolPlan",
     "PoolSnapshot", "ServingModel", "SlotId", "batched_sparse_delta", "calibrate_masks",
-    "combine_adapters", "export_peft", "get_backend", "get_lori_model", "import_peft", "inject",
+    "combine_adapters", "expand", "export_peft", "get_backend", "get_lori_model", "import_peft", "inject",
     "layer_seed", "load_adapter", "load_official_masks", "merge", "merge_and_unload",
     "merge_delta_", "pack_bitmask", "random_a", "save_adapter", "set_backend", "set_validation",
-    "sparse_delta", "spec", "to_sparse", "unmerge", "unpack_bitmask", "use_backend",
+    "shrink", "sparse_delta", "spec", "to_sparse", "unmerge", "unpack_bitmask", "use_backend",
 ]

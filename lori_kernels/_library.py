@@ -37,23 +37,27 @@ def _register_single(prefix: str) -> None:
     op = f"{prefix}sparse_delta"
 
     @torch.library.register_fake(f"lori::{op}")
-    def _delta(x, mask, values, offsets, rank, seed, distribution, scale):
-        rules.sparse_delta(op, x, mask, values, offsets, rank, distribution, scale)
+    def _delta(x, mask, values, offsets, rank, seed, distribution, scale, col_start=0,
+               in_features=-1):
+        rules.sparse_delta(op, x, mask, values, offsets, rank, distribution, scale,
+                           col_start=col_start, n_in=in_features)
         return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
     bop = f"{prefix}sparse_delta_backward"
     if prefix:
         @torch.library.register_fake(f"lori::{bop}")
         def _backward(grad_y, x, mask, values, offsets, rank, seed, distribution, scale, need_x,
-                      need_values):
-            rules.sparse_delta(bop, x, mask, values, offsets, rank, distribution, scale)
+                      need_values, col_start=0, in_features=-1):
+            rules.sparse_delta(bop, x, mask, values, offsets, rank, distribution, scale,
+                               col_start=col_start, n_in=in_features)
             rules.like_output(bop, "grad_y", grad_y, x, mask.shape[0])
             return _grads(x, values, need_x, need_values)
     else:
         @torch.library.register_fake(f"lori::{bop}")
         def _backward(grad_y, x, mask, values, offsets, rank, seed, distribution, scale, need_x,
-                      need_values, h=None):
-            rules.sparse_delta(bop, x, mask, values, offsets, rank, distribution, scale)
+                      need_values, h=None, col_start=0, in_features=-1):
+            rules.sparse_delta(bop, x, mask, values, offsets, rank, distribution, scale,
+                               col_start=col_start, n_in=in_features)
             rules.like_output(bop, "grad_y", grad_y, x, mask.shape[0])
             rules.saved_h(bop, h, x, rank)
             return _grads(x, values, need_x, need_values)
@@ -61,9 +65,44 @@ def _register_single(prefix: str) -> None:
     mop = f"{prefix}merge_delta_"
 
     @torch.library.register_fake(f"lori::{mop}")
-    def _merge(weight, mask, values, offsets, rank, seed, distribution, scale):
-        rules.merge(mop, weight, mask, values, offsets, rank, distribution, scale)
+    def _merge(weight, mask, values, offsets, rank, seed, distribution, scale, col_start=0,
+               in_features=-1):
+        rules.merge(mop, weight, mask, values, offsets, rank, distribution, scale, col_start,
+                    in_features)
         return None
+
+    sop = f"{prefix}shrink"
+
+    @torch.library.register_fake(f"lori::{sop}")
+    def _shrink(x, rank, seed, distribution, col_start=0, in_features=-1):
+        rules.shrink(sop, x, rank, distribution, col_start, in_features)
+        return x.new_empty((*x.shape[:-1], rank), dtype=_h_dtype(x))
+
+    sbop = f"{prefix}shrink_backward"
+
+    @torch.library.register_fake(f"lori::{sbop}")
+    def _shrink_backward(grad_h, width, dtype, rank, seed, distribution, col_start=0,
+                         in_features=-1):
+        rules.shrink_backward(sbop, grad_h, width, dtype, rank, distribution, col_start,
+                              in_features)
+        return grad_h.new_empty((*grad_h.shape[:-1], width), dtype=dtype)
+
+    eop = f"{prefix}expand"
+
+    @torch.library.register_fake(f"lori::{eop}")
+    def _expand(h, mask, values, offsets, scale):
+        rules.expand(eop, h, mask, values, offsets, scale)
+        return h.new_empty((*h.shape[:-1], mask.shape[0]), dtype=values.dtype)
+
+    ebop = f"{prefix}expand_backward"
+
+    @torch.library.register_fake(f"lori::{ebop}")
+    def _expand_backward(grad_y, h, mask, values, offsets, scale, need_h, need_values):
+        rules.expand(ebop, h, mask, values, offsets, scale)
+        rules.expand_grad_y(ebop, grad_y, h, values, mask.shape[0])
+        gh = h.new_empty(h.shape) if need_h else h.new_empty((0,))
+        gv = values.new_empty(values.shape) if need_values else values.new_empty((0,))
+        return gh, gv
 
 
 def _register_batched(prefix: str) -> None:
@@ -98,8 +137,10 @@ for _prefix in ("", "triton_"):
 
 
 @torch.library.register_fake("lori::sparse_delta_fwd")
-def _sparse_delta_fwd_fake(x, mask, values, offsets, rank, seed, distribution, scale):
-    rules.sparse_delta("sparse_delta_fwd", x, mask, values, offsets, rank, distribution, scale)
+def _sparse_delta_fwd_fake(x, mask, values, offsets, rank, seed, distribution, scale, col_start=0,
+                           in_features=-1):
+    rules.sparse_delta("sparse_delta_fwd", x, mask, values, offsets, rank, distribution, scale,
+                       col_start=col_start, n_in=in_features)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (x.new_empty((*x.shape[:-1], mask.shape[0])),
             x.new_empty((tokens, rank), dtype=_h_dtype(x)))

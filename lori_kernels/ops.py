@@ -19,21 +19,36 @@ from .packing import PackedB
 _SPARSE_DELTA = {"cpp": _ops.sparse_delta, "triton": _ops.triton_sparse_delta}
 _MERGE = {"cpp": _ops.merge_delta_, "triton": _ops.triton_merge_delta_}
 _BATCHED = {"cpp": _ops.batched_sparse_delta, "triton": _ops.triton_batched_sparse_delta}
+_SHRINK = {"cpp": _ops.shrink, "triton": _ops.triton_shrink}
+_EXPAND = {"cpp": _ops.expand, "triton": _ops.triton_expand}
 
 
 # ---- raw calls (arguments already validated by the caller's layer) ------------------------------
 
 def _sparse_delta(x, mask, values, offsets, rank: int, seed_op: int, distribution: str,
-                  scale: float, backend: str | None = None) -> torch.Tensor:
+                  scale: float, backend: str | None = None, col_start: int = 0,
+                  in_features: int = -1) -> torch.Tensor:
     return _SPARSE_DELTA[backends.resolve(backend, x.device)](
-        x, mask, values, offsets, rank, seed_op, distribution, scale)
+        x, mask, values, offsets, rank, seed_op, distribution, scale, col_start, in_features)
 
 
 def _merge_delta_(weight, mask, values, offsets, rank: int, seed_op: int, distribution: str,
-                  scale: float, backend: str | None = None) -> None:
+                  scale: float, backend: str | None = None, col_start: int = 0,
+                  in_features: int = -1) -> None:
     with torch.no_grad():
         _MERGE[backends.resolve(backend, weight.device)](
-            weight, mask, values, offsets, rank, seed_op, distribution, scale)
+            weight, mask, values, offsets, rank, seed_op, distribution, scale, col_start,
+            in_features)
+
+
+def _shrink(x, rank: int, seed_op: int, distribution: str, col_start: int = 0,
+            in_features: int = -1, backend: str | None = None) -> torch.Tensor:
+    return _SHRINK[backends.resolve(backend, x.device)](x, rank, seed_op, distribution,
+                                                          col_start, in_features)
+
+
+def _expand(h, mask, values, offsets, scale: float, backend: str | None = None) -> torch.Tensor:
+    return _EXPAND[backends.resolve(backend, h.device)](h, mask, values, offsets, scale)
 
 
 def _batched_sparse_delta(x, ids, masks, values, value_starts, offsets, seeds, scales,
@@ -49,19 +64,41 @@ def _batched_sparse_delta(x, ids, masks, values, value_starts, offsets, seeds, s
               base, *plan)
 
 
-def sparse_delta_fwd(x, mask, values, offsets, rank, seed_op, distribution, scale):
+def sparse_delta_fwd(x, mask, values, offsets, rank, seed_op, distribution, scale,
+                     col_start: int = 0, in_features: int = -1):
     """(y, h): sparse_delta and h = x @ A^T (tokens, rank) in fp32 (fp64 for fp64 x); C++ only."""
-    return _ops.sparse_delta_fwd(x, mask, values, offsets, rank, seed_op, distribution, scale)
+    return _ops.sparse_delta_fwd(x, mask, values, offsets, rank, seed_op, distribution, scale,
+                                 col_start, in_features)
 
 
 def sparse_delta_backward(grad_y, x, mask, values, offsets, rank, seed_op, distribution, scale,
-                          need_x: bool, need_values: bool, h=None, backend: str | None = None):
+                          need_x: bool, need_values: bool, h=None, backend: str | None = None,
+                          col_start: int = 0, in_features: int = -1):
     """(grad_x, grad_values) of sparse_delta (empty tensors where need_* is False)."""
     if backends.resolve(backend, x.device) == "triton":
         return _ops.triton_sparse_delta_backward(grad_y, x, mask, values, offsets, rank, seed_op,
-                                                 distribution, scale, need_x, need_values)
+                                                 distribution, scale, need_x, need_values,
+                                                 col_start, in_features)
     return _ops.sparse_delta_backward(grad_y, x, mask, values, offsets, rank, seed_op,
-                                      distribution, scale, need_x, need_values, h)
+                                      distribution, scale, need_x, need_values, h, col_start,
+                                      in_features)
+
+
+def shrink_backward(grad_h, width: int, dtype: torch.dtype, rank: int, seed_op: int,
+                    distribution: str, col_start: int = 0, in_features: int = -1,
+                    backend: str | None = None) -> torch.Tensor:
+    """grad_x (..., width) in dtype = grad_h @ A_window (the backward of shrink)."""
+    op = (_ops.triton_shrink_backward if backends.resolve(backend, grad_h.device) == "triton"
+          else _ops.shrink_backward)
+    return op(grad_h, width, dtype, rank, seed_op, distribution, col_start, in_features)
+
+
+def expand_backward(grad_y, h, mask, values, offsets, scale: float, need_h: bool,
+                    need_values: bool, backend: str | None = None):
+    """(grad_h, grad_values) of expand (empty tensors where need_* is False)."""
+    op = (_ops.triton_expand_backward if backends.resolve(backend, h.device) == "triton"
+          else _ops.expand_backward)
+    return op(grad_y, h, mask, values, offsets, scale, need_h, need_values)
 
 
 def philox4x32_10(counters: torch.Tensor, seed: int) -> torch.Tensor:
@@ -111,35 +148,80 @@ def _check_packed(b) -> None:
                         f"{type(b).__name__}")
 
 
+def _check_window(col_start, in_features) -> tuple[int, int]:
+    """(col_start, in_features as the ops take it: -1 for None)."""
+    if isinstance(col_start, bool) or not isinstance(col_start, int):
+        raise TypeError(f"col_start must be an int, got {type(col_start).__name__}")
+    if in_features is None:
+        return col_start, -1
+    if isinstance(in_features, bool) or not isinstance(in_features, int):
+        raise TypeError(f"in_features must be an int or None, got {type(in_features).__name__}")
+    return col_start, in_features
+
+
 def sparse_delta(x: torch.Tensor, b: PackedB, *, seed: int,
                  distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0,
+                 col_start: int = 0, in_features: int | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """LoRI delta: y = scale * (x @ A^T) @ B^T, x of shape (..., in_features).
 
     A (b.rank, in_features) is regenerated inside the kernel from (seed, distribution) and never
     materialized beyond a tile; B (out_features, rank) is read in its bitmask form. Gradients
     flow to x and to b.values (only the pattern's entries); A gets none.
+
+    Column window (tensor parallelism): with col_start / in_features, x holds A's columns
+    [col_start, col_start + x.shape[-1]) of an A in_features wide (None: x's width), with the
+    whole A's scale and Philox columns, so summing the shards' results gives the unsharded one.
     backend: None/'auto'/'cpp'/'triton' (lori_kernels.backends).
     """
     _check_packed(b)
     seed_i64 = spec.check_seed(seed)
     spec.check_distribution(distribution)
+    c0, n_in = _check_window(col_start, in_features)
     return _sparse_delta(x, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
-                         float(scale), backend)
+                         float(scale), backend, c0, n_in)
 
 
 def merge_delta_(weight: torch.Tensor, b: PackedB, *, seed: int,
                  distribution: str = spec.DEFAULT_DISTRIBUTION, scale: float = 1.0,
+                 col_start: int = 0, in_features: int | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """In place: weight (out_features, in_features) += scale * B @ A, A generated per column
-    tile (never whole). Unmerge with -scale. Returns weight.
+    tile (never whole). Unmerge with -scale. Returns weight. With col_start / in_features,
+    weight is the column shard W[:, col_start:col_start + weight.shape[1]] of a W in_features
+    wide (as sparse_delta's window).
     backend: None/'auto'/'cpp'/'triton' (lori_kernels.backends)."""
     _check_packed(b)
     seed_i64 = spec.check_seed(seed)
     spec.check_distribution(distribution)
+    c0, n_in = _check_window(col_start, in_features)
     _merge_delta_(weight, b.mask, b.values, b.offsets, b.rank, seed_i64, distribution,
-                  float(scale), backend)
+                  float(scale), backend, c0, n_in)
     return weight
+
+
+def shrink(x: torch.Tensor, *, rank: int, seed: int,
+           distribution: str = spec.DEFAULT_DISTRIBUTION, col_start: int = 0,
+           in_features: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """The first stage of sparse_delta: h = x @ A_window^T, (..., rank) in float32 (float64 for
+    float64 x), A regenerated from (seed, distribution) with the column window of sparse_delta.
+
+    No scale: it belongs to expand, so h is the same for every scale and the shards' h add up
+    to the unsharded h (a row-parallel layer all-reduces h, T x rank, instead of y).
+    Differentiable w.r.t. x. backend: None/'auto'/'cpp'/'triton'."""
+    seed_i64 = spec.check_seed(seed)
+    spec.check_distribution(distribution)
+    c0, n_in = _check_window(col_start, in_features)
+    return _shrink(x, rank, seed_i64, distribution, c0, n_in, backend)
+
+
+def expand(h: torch.Tensor, b: PackedB, *, scale: float = 1.0,
+           backend: str | None = None) -> torch.Tensor:
+    """The second stage of sparse_delta: y = scale * h @ B^T, (..., out_features) in b.values'
+    dtype; h (..., rank) in float32 (float64 for float64 values), as shrink returns it.
+    Differentiable w.r.t. h and b.values. backend: None/'auto'/'cpp'/'triton'."""
+    _check_packed(b)
+    return _expand(h, b.mask, b.values, b.offsets, float(scale), backend)
 
 
 def batched_sparse_delta(x: torch.Tensor, adapter_ids, pool, *,

@@ -68,12 +68,39 @@ def random_a(seed: int, rank: int, in_features: int, distribution: str = "radema
     return a.to(dtype)
 
 
+def _window(width: int, col_start: int, in_features: int | None) -> tuple[int, int]:
+    """(in_features of the whole A, end column) of the window x holds (None/-1: unsharded)."""
+    n = width if in_features is None or in_features == -1 else in_features
+    if not 0 <= col_start <= n - width:
+        raise ValueError(f"col_start + width = {col_start} + {width} exceeds in_features = {n}")
+    return n, col_start + width
+
+
+def shrink(x: torch.Tensor, rank: int, seed: int, distribution: str, col_start: int = 0,
+           in_features: int | None = None,
+           compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """h = x @ A[:, col_start:col_start + x.shape[-1]]^T in compute_dtype, A in_features wide
+    (None: x's width). No scale: that is expand's."""
+    n, end = _window(x.shape[-1], col_start, in_features)
+    a = random_a(seed, rank, n, distribution, col_start=col_start, col_end=end)
+    return x.to(compute_dtype) @ a.to(x.device, compute_dtype).T
+
+
+def expand(h: torch.Tensor, b_dense: torch.Tensor, scale: float,
+           compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """y = scale * h @ B^T in compute_dtype, B given dense."""
+    return (h.to(compute_dtype) @ b_dense.to(h.device, compute_dtype).T) * scale
+
+
 def sparse_delta(x: torch.Tensor, b_dense: torch.Tensor, seed: int, distribution: str,
-                 scale: float, compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """y = scale * (x @ A^T) @ B^T in compute_dtype (float64 by default), B given dense."""
-    a = random_a(seed, b_dense.shape[1], x.shape[-1], distribution).to(x.device, compute_dtype)
-    h = x.to(compute_dtype) @ a.T
-    return (h @ b_dense.to(x.device, compute_dtype).T) * scale
+                 scale: float, compute_dtype: torch.dtype = torch.float64, col_start: int = 0,
+                 in_features: int | None = None) -> torch.Tensor:
+    """y = scale * (x @ A^T) @ B^T in compute_dtype (float64 by default), B given dense.
+
+    With a column window, x holds A's columns [col_start, col_start + x.shape[-1]) of an A
+    in_features wide: the sum of the shards' results is the unsharded one."""
+    h = shrink(x, b_dense.shape[1], seed, distribution, col_start, in_features, compute_dtype)
+    return expand(h, b_dense, scale, compute_dtype)
 
 
 def dense_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,11 +109,13 @@ def dense_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) 
 
 
 def merge_delta(weight: torch.Tensor, b_dense: torch.Tensor, seed: int, distribution: str,
-                scale: float) -> torch.Tensor:
+                scale: float, col_start: int = 0, in_features: int | None = None) -> torch.Tensor:
     """weight + scale * B @ A computed in float64 and rounded once to weight's dtype (what
-    merge_delta_ writes in place)."""
-    a = random_a(seed, b_dense.shape[1], weight.shape[1], distribution).to(weight.device,
-                                                                          torch.float64)
+    merge_delta_ writes in place). With a window, weight is the column shard
+    W[:, col_start:col_start + weight.shape[1]] of a W in_features wide."""
+    n, end = _window(weight.shape[1], col_start, in_features)
+    a = random_a(seed, b_dense.shape[1], n, distribution, col_start=col_start,
+                 col_end=end).to(weight.device, torch.float64)
     delta = (b_dense.to(weight.device, torch.float64) @ a) * scale
     return (weight.double() + delta).to(weight.dtype)
 

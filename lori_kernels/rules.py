@@ -102,8 +102,25 @@ def packed_b(op: str, x: torch.Tensor, mask, values, offsets, r, xn: str = "x") 
                    f"= {out * r}")
 
 
-def sparse_delta(op: str, x, mask, values, offsets, r, dist, s, xn: str = "x") -> None:
-    """The single-adapter ops' arguments (sparse_delta, its fwd/backward, merge_delta_)."""
+def window(op: str, col_start, width, n_in) -> int:
+    """A column window: x holds A's columns [col_start, col_start + width) of an A n_in wide
+    (-1: width, the unsharded call). Returns the whole A's in_features."""
+    _value(n_in == -1 or n_in >= 1,
+           lambda: f"{op}: in_features must be >= 1 (A's full width), or -1 for x's width; got "
+                   f"{n_in}")
+    n = width if n_in == -1 else n_in
+    in_features(op, n)
+    _value(col_start >= 0, lambda: f"{op}: col_start must be >= 0, got {col_start}")
+    _value(col_start <= n - width,
+           lambda: f"{op}: col_start + width = {col_start} + {width} exceeds in_features = {n} "
+                   "(x holds A's columns [col_start, col_start + x.size(-1)))")
+    return n
+
+
+def sparse_delta(op: str, x, mask, values, offsets, r, dist, s, xn: str = "x",
+                 col_start=0, n_in=-1) -> None:
+    """The single-adapter ops' arguments (sparse_delta, its fwd/backward, merge_delta_), with
+    their column window (col_start, in_features)."""
     rank(op, r)
     float_input(op, x, xn)
     same_device(op, x, (("mask", mask), ("values", values), ("offsets", offsets)), xn)
@@ -111,6 +128,46 @@ def sparse_delta(op: str, x, mask, values, offsets, r, dist, s, xn: str = "x") -
     distribution(op, dist)
     in_features(op, x.shape[-1])
     scale(op, s, x.dtype)
+    window(op, col_start, x.shape[-1], n_in)
+
+
+def shrink(op: str, x, r, dist, col_start, n_in) -> None:
+    rank(op, r)
+    float_input(op, x)
+    in_features(op, x.shape[-1])
+    distribution(op, dist)
+    window(op, col_start, x.shape[-1], n_in)
+
+
+def shrink_backward(op: str, grad_h, width, dtype, r, dist, col_start, n_in) -> None:
+    rank(op, r)
+    _type(dtype in FLOAT_DTYPES,
+          lambda: f"{op}: dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    in_features(op, width)
+    _value(grad_h.dim() >= 1 and grad_h.shape[-1] == r,
+           lambda: f"{op}: grad_h must have shape (..., rank = {r}), got {tuple(grad_h.shape)}")
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    _type(grad_h.dtype == want, lambda: f"{op}: grad_h must be {want}, got {grad_h.dtype}")
+    distribution(op, dist)
+    window(op, col_start, width, n_in)
+
+
+def expand(op: str, h, mask, values, offsets, s) -> None:
+    """expand / expand_backward: h (..., rank) in the accumulation dtype of values' dtype."""
+    _value(h.dim() >= 1, lambda: f"{op}: h must have at least 1 dimension (..., rank)")
+    r = h.shape[-1]  # a SymInt when traced with dynamic shapes: no isinstance check
+    _value(1 <= r <= spec.MAX_RANK,
+           lambda: f"{op}: rank must be in [1, {spec.MAX_RANK}], got {r!r}")
+    _type(values.dtype in FLOAT_DTYPES,
+          lambda: f"{op}: values must be float32, bfloat16, float16 or float64, got "
+                  f"{values.dtype}")
+    want = torch.float64 if values.dtype == torch.float64 else torch.float32
+    _type(h.dtype == want,
+          lambda: f"{op}: h must be {want} (the accumulation dtype of {values.dtype} values), "
+                  f"got {h.dtype}")
+    same_device(op, h, (("mask", mask), ("values", values), ("offsets", offsets)), "h")
+    packed_b(op, values, mask, values, offsets, r, "the output")
+    scale(op, s, values.dtype)
 
 
 def like_output(op: str, name: str, t: torch.Tensor, x: torch.Tensor, out) -> None:
@@ -137,11 +194,23 @@ def saved_h(op: str, h, x: torch.Tensor, r) -> None:
                    f"{tuple(h.shape)} {h.dtype}")
 
 
-def merge(op: str, weight, mask, values, offsets, r, dist, s) -> None:
+def expand_grad_y(op: str, grad_y, h, values, out) -> None:
+    """expand_backward's grad_y: (*h.shape[:-1], out_features) in values' dtype, on h's device."""
+    torch._check(grad_y.device == h.device,
+                 lambda: f"{op}: grad_y is on {grad_y.device} but h is on {h.device}")
+    _type(grad_y.dtype == values.dtype,
+          lambda: f"{op}: grad_y dtype ({grad_y.dtype}) must match values dtype ({values.dtype})")
+    expect = (*h.shape[:-1], out)
+    _value(tuple(grad_y.shape) == expect,
+           lambda: f"{op}: grad_y must have shape {expect}, got {tuple(grad_y.shape)}")
+
+
+def merge(op: str, weight, mask, values, offsets, r, dist, s, col_start=0, n_in=-1) -> None:
     _value(weight.dim() == 2,
            lambda: f"{op}: weight must be 2-D (out_features, in_features), got "
                    f"{tuple(weight.shape)}")
-    sparse_delta(op, weight, mask, values, offsets, r, dist, s, xn="weight")
+    sparse_delta(op, weight, mask, values, offsets, r, dist, s, xn="weight",
+                 col_start=col_start, n_in=n_in)
     _value(weight.shape[0] == mask.shape[0],
            lambda: f"{op}: weight has {weight.shape[0]} rows but mask has out_features = "
                    f"{mask.shape[0]}")

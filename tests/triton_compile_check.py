@@ -61,12 +61,15 @@ INNER_STRIDES = {"stride_xk", "stride_go", "stride_c", "stride_wk", "stride_bo"}
 # and, where a kernel has it, a multi-word mask (WORDS 2, 3) and a smaller BLOCK_O.
 CONSTEXPRS = {
     "random_a._random_a_fill_kernel": dict(DIST=1, BLOCK_R=32, BLOCK_K=128, E=128),
-    "sparse_delta_fwd.shrink_kernel": dict(DIST=2, BLOCK_T=16, BLOCK_R=32, BLOCK_K=128),
+    "sparse_delta_fwd.shrink_kernel": dict(DIST=2, BLOCK_T=16, BLOCK_R=32, BLOCK_K=128,
+                                           ALIGNED=True),
     "sparse_delta_fwd.expand_kernel": dict(WORDS=2, BLOCK_T=64, BLOCK_O=32, BLOCK_R=32),
     "sparse_delta_bwd.gy_b_kernel": dict(WORDS=1, BLOCK_T=16, BLOCK_O=64, BLOCK_R=32),
-    "sparse_delta_bwd.gh_a_kernel": dict(DIST=1, BLOCK_T=64, BLOCK_R=32, BLOCK_K=128),
+    "sparse_delta_bwd.gh_a_kernel": dict(DIST=1, BLOCK_T=64, BLOCK_R=32, BLOCK_K=128,
+                                         ALIGNED=False),
     "sparse_delta_bwd.gv_kernel": dict(WORDS=3, BLOCK_T=64, BLOCK_O=16, BLOCK_R=64),
-    "merge_delta.merge_kernel": dict(DIST=2, WORDS=2, BLOCK_O=64, BLOCK_R=32, BLOCK_K=128),
+    "merge_delta.merge_kernel": dict(DIST=2, WORDS=2, BLOCK_O=64, BLOCK_R=32, BLOCK_K=128,
+                                     ALIGNED=False),
     "batched_delta.shrink_kernel": dict(BLOCK_T=16, BLOCK_R=32, BLOCK_K=128),
     "batched_delta.expand_kernel": dict(HAS_BASE=True, WORDS=2, BLOCK_T=64, BLOCK_O=64,
                                         BLOCK_R=32),

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "lori/philox.h"
@@ -145,9 +146,36 @@ void gen_a_words(const AGenParams& g, int64_t r0, int64_t r1, int64_t b0, int64_
   }
 }
 
+void gen_a_signs(const AGenParams& g, int64_t r, int64_t c0, int64_t n, uint32_t* words) {
+  if (n <= 0) return;
+  const int64_t a0 = g.col0 + c0;  // A's column of bit 0
+  const int64_t b0 = a0 >> 7, nb = ((a0 + n - 1) >> 7) + 1 - b0;
+  const int64_t shift = a0 & 127, nw = (n + 31) >> 5;
+  if (shift == 0) {  // on a block edge: the stream as generated
+    thread_local std::vector<uint32_t> full;
+    full.resize(static_cast<size_t>(4 * nb));
+    gen_a_words(g, r, r + 1, b0, nb, full.data());
+    std::memcpy(words, full.data(), static_cast<size_t>(nw) * sizeof(uint32_t));
+    return;
+  }
+  thread_local std::vector<uint32_t> full;
+  full.resize(static_cast<size_t>(4 * nb) + 1);
+  gen_a_words(g, r, r + 1, b0, nb, full.data());
+  full[static_cast<size_t>(4 * nb)] = 0;
+  const int64_t q = shift >> 5;
+  const int s = static_cast<int>(shift & 31);
+  for (int64_t i = 0; i < nw; ++i) {
+    const uint32_t lo = full[static_cast<size_t>(q + i)];
+    const uint32_t hi = q + i + 1 < 4 * nb + 1 ? full[static_cast<size_t>(q + i + 1)] : 0u;
+    words[i] = s == 0 ? lo : (lo >> s) | (hi << (32 - s));
+  }
+}
+
 void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
                 int64_t ld) {
   if (r1 <= r0 || c1 <= c0) return;
+  c0 += g.col0;  // the window's columns -> A's
+  c1 += g.col0;
   const int sh = elems_per_block_log2(g.dist);
   const int64_t b0 = c0 >> sh, nb = ((c1 - 1) >> sh) + 1 - b0, nr = r1 - r0;
   thread_local std::vector<uint32_t> words;

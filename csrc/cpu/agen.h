@@ -6,12 +6,19 @@
 
 namespace lori::cpu {
 
-// out[(r - r0) * ld + (c - c0)] = A[r, c] in fp32 for r in [r0, r1), c in [c0, c1).
-// Bit-identical to lori::a_element for every element. Single-threaded: callers split work.
+// out[(r - r0) * ld + (c - c0)] = A[r, g.col0 + c] in fp32 for r in [r0, r1), c in [c0, c1):
+// columns are the window's (g.col0 = 0: A's own). Bit-identical to lori::a_element for every
+// element. Single-threaded: callers split work.
 void gen_a_tile(const AGenParams& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
                 int64_t ld);
 
-// Raw Philox words: words[((r - r0) * nb + (b - b0)) * 4 + w] = word w of block b of row r,
+// Rademacher sign bits of row r for window columns [c0, c0 + n): bit j % 32 of words[j / 32]
+// is set iff A[r, g.col0 + c0 + j] < 0, for any col0 + c0 (not only Philox block edges: a
+// window that starts mid-block gets the block's stream shifted). Bits past n are unspecified.
+// words needs ceil(n / 32) + 1 slots.
+void gen_a_signs(const AGenParams& g, int64_t r, int64_t c0, int64_t n, uint32_t* words);
+
+// Raw Philox words (absolute blocks: g.col0 is not applied): words[((r - r0) * nb + (b - b0)) * 4 + w] = word w of block b of row r,
 // for rows [r0, r1) and blocks [b0, b0 + nb). A row's words, read as one stream, hold its
 // elements in column order (docs/spec_a.md): uniform element e = word e; Rademacher element
 // e = bit e % 32 of word e / 32.

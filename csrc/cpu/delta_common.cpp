@@ -215,14 +215,16 @@ void DirectA::rows(int64_t r0, int64_t r1, float* h, int64_t ldh) const {
   thread_local std::vector<float> row;
   thread_local std::vector<uint32_t> words;
   if (signs_) {
-    if (words.size() < static_cast<size_t>(4 * nb_)) words.resize(static_cast<size_t>(4 * nb_));
+    if (words.size() < static_cast<size_t>(4 * nb_ + 1)) {
+      words.resize(static_cast<size_t>(4 * nb_ + 1));
+    }
   } else if (row.size() < static_cast<size_t>(in)) {
     row.resize(static_cast<size_t>(in));
   }
   for (int64_t r = r0; r < r1; ++r) {
     RowA a;
     if (signs_) {
-      gen_a_words(s_.gen, r, r + 1, 0, nb_, words.data());
+      gen_a_signs(s_.gen, r, 0, in, words.data());  // window columns [0, in)
       a.signs = words.data();
       a.magnitude = s_.gen.magnitude;
     } else {

@@ -127,6 +127,11 @@ bool use_generic_path(const at::Tensor& x);
 at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
                                 const at::Tensor& values, const DeltaShape& s, double scale,
                                 at::Tensor* h_out = nullptr, bool acc_out = false);
+// h = x2 @ A^T (T, rank) in the accumulation dtype (the generic x -> h stage).
+at::Tensor shrink_generic(const at::Tensor& x2, const DeltaShape& s);
+// grad_x = gh @ A (T, width) in dtype, gh (T, rank) in the accumulation dtype.
+at::Tensor shrink_backward_generic(const at::Tensor& gh, const DeltaShape& s,
+                                   at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_generic(
     const at::Tensor& gy2, const at::Tensor& x2, const at::Tensor& mask, const at::Tensor& values,
     const DeltaShape& s, double scale, bool need_x, bool need_values,

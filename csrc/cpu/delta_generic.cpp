@@ -31,6 +31,20 @@ at::Tensor h_generic(const at::Tensor& xa, const DeltaShape& s) {
 
 }  // namespace
 
+at::Tensor shrink_generic(const at::Tensor& x2, const DeltaShape& s) {
+  return h_generic(x2.to(acc_type(x2)), s);
+}
+
+at::Tensor shrink_backward_generic(const at::Tensor& gh, const DeltaShape& s,
+                                   at::ScalarType dtype) {
+  const auto acc = gh.scalar_type();
+  at::Tensor gx = at::empty({gh.size(0), s.in_features}, gh.options().dtype(dtype));
+  for_a_tiles(s, acc, [&](int64_t k0, int64_t kt, const at::Tensor& a) {
+    gx.narrow(1, k0, kt).copy_(at::mm(gh, a));
+  });
+  return gx;
+}
+
 at::Tensor sparse_delta_generic(const at::Tensor& x2, const at::Tensor& mask,
                                 const at::Tensor& values, const DeltaShape& s, double scale,
                                 at::Tensor* h_out, bool acc_out) {

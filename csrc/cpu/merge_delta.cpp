@@ -12,10 +12,11 @@ namespace {
 
 void merge_delta_cpu(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& values,
                      const at::Tensor& offsets, int64_t rank, int64_t seed,
-                     c10::string_view distribution, double scale) {
+                     c10::string_view distribution, double scale, int64_t col_start,
+                     int64_t in_features) {
   const char* op = "merge_delta_";
   const DeltaShape s = check_merge_delta_args(op, weight, mask, values, offsets, rank, seed,
-                                              distribution, scale);
+                                              distribution, scale, col_start, in_features);
   check_bitmask_cpu(op, mask, offsets, rank, values.numel());
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor b = dense_b(mask, values, rank, acc).mul_(scale);  // (out, rank)

@@ -233,7 +233,9 @@ void decode_backward_avx512(const at::Tensor& gy2, const BView& b, const DeltaSh
     grad_x_from_gh(ghT, s, T, gx2);
     return;
   }
-  constexpr int64_t kCols = 1024;  // multiple of 128: tiles start on Philox block edges
+  // A multiple of 128: tiles start on Philox block edges (when the window does; see
+  // grad_x_signs_impl for one that does not).
+  constexpr int64_t kCols = 1024;
   dispatch_io_type(gx.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* gxp = gx2.data_ptr<scalar_t>();
@@ -250,10 +252,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
     c10::string_view distribution, double scale, bool need_x, bool need_values,
-    const std::optional<at::Tensor>& h_in) {
+    const std::optional<at::Tensor>& h_in, int64_t col_start, int64_t in_features) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
-                                               distribution, scale);
+                                               distribution, scale, col_start, in_features);
   check_grad_y(op, grad_y, x, s);
   const int64_t T = s.tokens, Tp = round_up8(T);
   // Both are fully written below (or zero-filled on the early-return paths).
@@ -325,9 +327,104 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
   return {gx, gv};
 }
 
+// grad_x = grad_h @ A_window: the A side of the backward above on a given gh.
+at::Tensor shrink_backward_cpu(const at::Tensor& grad_h, int64_t width, at::ScalarType dtype,
+                               int64_t rank, int64_t seed, c10::string_view distribution,
+                               int64_t col_start, int64_t in_features) {
+  const DeltaShape s = check_shrink_backward_args("shrink_backward", grad_h, width, dtype, rank,
+                                                  seed, distribution, col_start, in_features);
+  auto shape = grad_h.sizes().vec();
+  shape.back() = width;
+  const int64_t T = s.tokens;
+  if (T == 0) return at::zeros(shape, grad_h.options().dtype(dtype));
+  const at::Tensor gh = grad_h.reshape({T, rank}).contiguous();
+  if (dtype == at::kDouble || cpu_paths().generic_ops) {
+    return shrink_backward_generic(gh, s, dtype).view(shape);
+  }
+  at::Tensor gx = at::empty({T, width}, grad_h.options().dtype(dtype));
+  at::Tensor ghT = at::zeros({rank, round_up8(T)}, grad_h.options());
+  ghT.narrow(1, 0, T).copy_(gh.t());
+  grad_x_from_gh(ghT, s, T, gx);
+  return gx.view(shape);
+}
+
+// (grad_h, grad_values) of y = scale * h @ B^T: the B side of the backward above on a given h.
+std::tuple<at::Tensor, at::Tensor> expand_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& mask,
+    const at::Tensor& values, const at::Tensor& offsets, double scale, bool need_h,
+    bool need_values) {
+  const char* op = "expand_backward";
+  const DeltaShape s = check_expand_args(op, h, mask, values, offsets, scale);
+  auto y_shape = h.sizes().vec();
+  y_shape.back() = s.out_features;
+  TORCH_CHECK(grad_y.device() == h.device(), op, ": grad_y is on ", grad_y.device(),
+              " but h is on ", h.device());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == values.scalar_type(), op, ": grad_y dtype (",
+                   grad_y.scalar_type(), ") must match values dtype (", values.scalar_type(),
+                   ")");
+  TORCH_CHECK_VALUE(grad_y.sizes().vec() == y_shape, op, ": grad_y must have shape ",
+                    c10::IntArrayRef(y_shape), ", got ", grad_y.sizes());
+  const int64_t T = s.tokens, rank = s.rank, Tp = round_up8(T);
+  at::Tensor gh = need_h ? at::zeros(h.sizes(), h.options()) : at::empty({0}, h.options());
+  at::Tensor gv = need_values ? at::zeros_like(values) : at::empty({0}, values.options());
+  if (T == 0 || s.out_features == 0 || (!need_h && !need_values)) return {gh, gv};
+  const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
+  const at::Tensor h2 = h.reshape({T, rank});
+  if (values.scalar_type() == at::kDouble || cpu_paths().generic_ops) {
+    check_bitmask_cpu(op, mask, offsets, rank, values.numel());
+    const auto acc = h.scalar_type();
+    const at::Tensor gy = gy2.to(acc), b = dense_b(mask, values, rank, acc);
+    if (need_h) gh.view({T, rank}).copy_(at::mm(gy, b).mul_(scale));
+    if (need_values) {
+      const at::Tensor gb = at::mm(gy.t(), h2).mul_(scale);  // (out, rank)
+      const at::Tensor on_mask = dense_b(mask, at::ones_like(values, at::kDouble), rank,
+                                         at::kDouble).to(at::kBool);
+      gv.copy_(gb.masked_select(on_mask));
+    }
+    return {gh, gv};
+  }
+  at::Tensor hT;
+  if (need_values) {
+    hT = at::zeros({rank, Tp}, h.options());
+    hT.narrow(1, 0, T).copy_(h2.t());
+  }
+  const at::Tensor m = mask.contiguous(), vf = values_f32(values), off = offsets.contiguous();
+  const BView b{reinterpret_cast<const uint32_t*>(m.data_ptr<int32_t>()), vf.data_ptr<float>(),
+                off.data_ptr<int32_t>(), s.out_features, s.words};
+  const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
+  check_offset_ends(op, off.data_ptr<int32_t>(), nchunks, nnz);
+  const float sc = static_cast<float>(scale);
+  // Fixed parts with their own gh partials, as in sparse_delta_backward (deterministic).
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
+  at::Tensor gh_parts = need_h ? at::zeros({parts, rank, Tp}, h.options()) : at::Tensor();
+  at::Tensor gv_f = need_values ? at::empty({nnz}, h.options()) : at::Tensor();
+  std::atomic<int64_t> bad{-1};
+  dispatch_io_type(values.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gyp = gy2.data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t c = gy_pass_avx2<scalar_t>(
+            b, rank, nnz, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
+            need_h ? gh_parts[q].data_ptr<float>() : nullptr,
+            need_values ? gv_f.data_ptr<float>() : nullptr, sc, nchunks * q / parts,
+            nchunks * (q + 1) / parts);
+        if (c >= 0) bad.store(c);
+      }
+    });
+  });
+  if (bad.load() >= 0) check_bitmask_cpu(op, mask, offsets, rank, nnz);  // names the problem
+  TORCH_CHECK_VALUE(bad.load() < 0, op, ": mask and offsets disagree in chunk ", bad.load());
+  if (need_values) gv.copy_(gv_f);
+  if (need_h) gh.view({T, rank}).copy_(gh_parts.sum(0).mul_(sc).narrow(1, 0, T).t());
+  return {gh, gv};
+}
+
 }  // namespace
 }  // namespace lori::cpu
 
 TORCH_LIBRARY_IMPL(lori, CPU, m) {
   m.impl("sparse_delta_backward", &lori::cpu::sparse_delta_backward_cpu);
+  m.impl("shrink_backward", &lori::cpu::shrink_backward_cpu);
+  m.impl("expand_backward", &lori::cpu::expand_backward_cpu);
 }

@@ -80,14 +80,24 @@ LORI_AVX512 void grad_x_signs_impl(const float* gh, int64_t T, int64_t rank, con
   // sum_r gh[r] * (+-m) = m * sum_r (+-gh[r]): a masked sign flip and an add per rank row and
   // 16 columns. Every term is exact, so inf/NaN and near-overflow gh give what the AVX2 and
   // generic paths give (a sum of gh less twice its negative part would not).
-  const int64_t b0 = c0 >> 7, nb = ((c1 - 1) >> 7) + 1 - b0, nw = 4 * nb;
+  // Each row's sign stream starts at window column c0: on a Philox block edge the blocks of
+  // all rows are generated at once (vectorized over rows); a window starting mid-block gets
+  // each row's stream shifted by gen_a_signs.
+  const int64_t a0 = g.col0 + c0;
+  const bool aligned = (a0 & 127) == 0;
+  const int64_t nb = ((a0 + (c1 - c0) - 1) >> 7) + 1 - (a0 >> 7);
+  const int64_t nw = aligned ? 4 * nb : ((c1 - c0 + 31) >> 5) + 1;
   thread_local std::vector<uint32_t> words;
   if (words.size() < static_cast<size_t>(rank * nw)) words.resize(static_cast<size_t>(rank * nw));
-  gen_a_words(g, 0, rank, b0, nb, words.data());
+  if (aligned) {
+    gen_a_words(g, 0, rank, a0 >> 7, nb, words.data());
+  } else {
+    for (int64_t r = 0; r < rank; ++r) gen_a_signs(g, r, c0, c1 - c0, words.data() + r * nw);
+  }
   const __m512 mag = _mm512_set1_ps(g.magnitude);
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
   for (int64_t c = c0; c < c1; c += 16) {
-    const int64_t e = c - (b0 << 7);  // element of the rows' word streams, a multiple of 16
+    const int64_t e = c - c0;  // element of the rows' sign streams, a multiple of 16
     const int n = static_cast<int>(std::min<int64_t>(16, c1 - c));
     for (int64_t t = 0; t < T; ++t) {
       const float* ght = gh + t * rank;

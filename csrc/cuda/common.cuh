@@ -116,15 +116,27 @@ __device__ __forceinline__ void decode_b_chunk(const BMask& b, const scalar_t* v
   }
 }
 
-// Fills as[r * ld + j] (r < 32, j < 64) with A[r0 + r, c0 + j] / mag * g.mag (g.mag = 1: the
-// unit), zero for rows >= rank. c0 must be a multiple of 64. words_s: 32 * 4 uint32 scratch.
-// All threads call it; it syncs before returning.
+// Fills as[r * ld + j] (r < 32, j < 64) with A[r0 + r, g.col0 + c0 + j] / mag * g.mag (g.mag
+// = 1: the unit), zero for rows >= rank. c0 must be a multiple of 64. words_s: 32 * 4 uint32
+// scratch. All threads call it; it syncs before returning. A column window whose A columns
+// do not start on a 64-column edge takes a slower per-element path (one Philox block per
+// element), the price of an unaligned shard.
 template <typename acc_t>
 __device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int64_t c0, acc_t* as,
                                            int ld, uint32_t* words_s) {
   const int tid = threadIdx.x;
   __syncthreads();  // earlier readers of as / words_s are done
-  if (g.dist == kRademacher) {
+  c0 += g.col0;
+  if ((c0 & (kAColTile - 1)) != 0) {
+    for (int e = tid; e < kRGroup * kAColTile; e += blockDim.x) {
+      const int r = e / kAColTile, j = e % kAColTile;
+      as[r * ld + j] = r0 + r < rank
+                           ? acc_t(a_element(g.k0, g.k1, g.dist, g.mag,
+                                             static_cast<uint32_t>(r0 + r),
+                                             static_cast<uint32_t>(c0 + j)))
+                           : acc_t(0);
+    }
+  } else if (g.dist == kRademacher) {
     if (tid < kRGroup) {
       const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(c0 >> 7),
                                 static_cast<uint32_t>(r0 + tid));
@@ -158,7 +170,8 @@ __device__ __forceinline__ void gen_a_tile(const AGen& g, int r0, int rank, int6
   __syncthreads();
 }
 
-// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, c0 + j] (+-1, exact;
+// Tensor-core A tile: as[r * ld + j] (r < RP, j < 64) = the unit of A[r, g.col0 + c0 + j]
+// (per element when the window's A columns are not on a 64-column edge) (+-1, exact;
 // or the uniform unit rounded to bf16/fp16, 2^-9 relative error), zero for r >= rank; A's
 // magnitude is left to the caller's fp32 epilogue. shrink_a_mma (whose h sparse_delta_fwd
 // returns) calls it for Rademacher only; expand_a_mma (grad_x, rounded to bf16/fp16 anyway)
@@ -172,7 +185,17 @@ __device__ __forceinline__ void gen_a_units_mma(const AGen& g, int rank, int64_t
   const int tid = threadIdx.x;
   const mt one = MmaType<scalar_t>::from_float(1.f), minus_one = MmaType<scalar_t>::from_float(-1.f),
            zero = MmaType<scalar_t>::from_float(0.f);
-  if (g.dist == kRademacher) {
+  c0 += g.col0;
+  if ((c0 & (kAColTile - 1)) != 0) {
+    __syncthreads();  // keep the two phases' barrier count of the paths below
+    for (int e = tid; e < RP * kAColTile; e += blockDim.x) {
+      const int r = e / kAColTile, j = e % kAColTile;
+      as[r * ld + j] = r < rank ? MmaType<scalar_t>::from_float(a_element(
+                                      g.k0, g.k1, g.dist, 1.f, static_cast<uint32_t>(r),
+                                      static_cast<uint32_t>(c0 + j)))
+                                : zero;
+    }
+  } else if (g.dist == kRademacher) {
     if (tid < RP) {
       const U32x4 blk = a_block(g.k0, g.k1, g.dist, static_cast<uint32_t>(c0 >> 7),
                                 static_cast<uint32_t>(tid));

@@ -24,10 +24,13 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 
 // A generator: element A[r, j] = unit(r, j) * mag, unit in {+-1} (Rademacher) or the spec's
 // uniform_unit. mag = the spec's fp32 magnitude gives A's exact fp32 elements.
+// col0: A's column of the kernel's column 0 (a column window, tensor parallelism); kernels
+// address A's columns as col0 + their own.
 struct AGen {
   uint32_t k0, k1;
   int dist;
   float mag;
+  int64_t col0 = 0;
 };
 
 // B in the bitmask form. Trusted, not validated on the device (see ops_cuda.cpp): that the

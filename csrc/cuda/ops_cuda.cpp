@@ -34,7 +34,7 @@
 namespace lori::cuda {
 namespace {
 
-AGen to_agen(const AGenParams& p) { return AGen{p.k0, p.k1, p.dist, p.magnitude}; }
+AGen to_agen(const AGenParams& p) { return AGen{p.k0, p.k1, p.dist, p.magnitude, p.col0}; }
 
 BMask to_bmask(const at::Tensor& mask, const at::Tensor& offsets, int64_t rank, int64_t nnz) {
   return BMask{reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>()),
@@ -77,9 +77,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
                                                 const at::Tensor& mask, const at::Tensor& values,
                                                 const at::Tensor& offsets, int64_t rank,
                                                 int64_t seed, c10::string_view distribution,
-                                                double scale, bool keep_h) {
+                                                double scale, bool keep_h, int64_t col_start,
+                                                int64_t in_features) {
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
-                                               distribution, scale);
+                                               distribution, scale, col_start, in_features);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out_features;
@@ -130,9 +131,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
 
 at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                              const at::Tensor& offsets, int64_t rank, int64_t seed,
-                             c10::string_view distribution, double scale) {
+                             c10::string_view distribution, double scale, int64_t col_start,
+                             int64_t in_features) {
   return std::get<0>(forward_impl("sparse_delta", x, mask, values, offsets, rank, seed,
-                                  distribution, scale, false));
+                                  distribution, scale, false, col_start, in_features));
 }
 
 // (y, h = x @ A^T): the forward autograd would use when B's values need a gradient (the
@@ -140,10 +142,10 @@ at::Tensor sparse_delta_cuda(const at::Tensor& x, const at::Tensor& mask, const 
 std::tuple<at::Tensor, at::Tensor> sparse_delta_fwd_cuda(
     const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
     const at::Tensor& offsets, int64_t rank, int64_t seed, c10::string_view distribution,
-    double scale) {
+    double scale, int64_t col_start, int64_t in_features) {
   // Errors name "sparse_delta", as the CPU backend's do for both forward ops.
   return forward_impl("sparse_delta", x, mask, values, offsets, rank, seed, distribution,
-                      scale, true);
+                      scale, true, col_start, in_features);
 }
 
 // h, when given and non-empty, is sparse_delta_fwd's x @ A^T: grad_values then skips the
@@ -153,10 +155,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
     c10::string_view distribution, double scale, bool need_x, bool need_values,
-    const std::optional<at::Tensor>& h_in) {
+    const std::optional<at::Tensor>& h_in, int64_t col_start, int64_t in_features) {
   const char* op = "sparse_delta_backward";
   const DeltaShape s = check_sparse_delta_args(op, x, mask, values, offsets, rank, seed,
-                                               distribution, scale);
+                                               distribution, scale, col_start, in_features);
   check_grad_y(op, grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = s.tokens;
@@ -277,10 +279,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cuda(
 
 void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& values,
                       const at::Tensor& offsets, int64_t rank, int64_t seed,
-                      c10::string_view distribution, double scale) {
+                      c10::string_view distribution, double scale, int64_t col_start,
+                      int64_t in_features) {
   const char* op = "merge_delta_";
   const DeltaShape s = check_merge_delta_args(op, weight, mask, values, offsets, rank, seed,
-                                              distribution, scale);
+                                              distribution, scale, col_start, in_features);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (weight.numel() == 0) return;
   check_grid_y(op, num_chunks(s.out_features), "64-row chunks of B");
@@ -296,6 +299,137 @@ void merge_delta_cuda(const at::Tensor& weight, const at::Tensor& mask, const at
                            v.data_ptr<scalar_t>(), g, scale, stream);
   });
   if (!direct) weight.copy_(w);
+}
+
+// shrink: h = x @ A_window^T (..., rank) in the accumulation dtype; the forward's shrink_a with
+// its partials summed in a fixed order.
+at::Tensor shrink_cuda(const at::Tensor& x, int64_t rank, int64_t seed,
+                       c10::string_view distribution, int64_t col_start, int64_t in_features) {
+  const char* op = "shrink";
+  const DeltaShape s = check_shrink_args(op, x, rank, seed, distribution, col_start, in_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto shape = x.sizes().vec();
+  shape.back() = rank;
+  const int64_t T = s.tokens;
+  if (T == 0) return at::zeros(shape, x.options().dtype(acc_dtype(x.scalar_type())));
+  const at::Tensor x2 = x.reshape({T, s.in_features}).contiguous();
+  const auto hp = shrink_a(op, x2, s, c10::cuda::getCurrentCUDAStream());
+  const at::Tensor h = hp.second == 1 ? hp.first[0] : hp.first.sum(0);
+  return h.reshape(shape);
+}
+
+// expand: y = scale * h @ B^T in values' dtype; the forward's expand_b with one "partial".
+at::Tensor expand_cuda(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& values,
+                       const at::Tensor& offsets, double scale) {
+  const char* op = "expand";
+  const DeltaShape s = check_expand_args(op, h, mask, values, offsets, scale);
+  const c10::cuda::CUDAGuard guard(h.device());
+  auto out_shape = h.sizes().vec();
+  out_shape.back() = s.out_features;
+  at::Tensor y = at::empty(out_shape, h.options().dtype(values.scalar_type()));
+  const int64_t T = s.tokens, rank = s.rank;
+  if (T == 0 || s.out_features == 0) return y;
+  check_grid_y(op, num_chunks(s.out_features), "64-row chunks of B");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor h2 = h.reshape({T, rank}).contiguous();
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const BMask b = to_bmask(m, off, rank, v.numel());
+  const int tile = token_tile(T, values.scalar_type(), rank);
+  const int64_t tiles = (T + tile - 1) / tile, nch = num_chunks(s.out_features);
+  int64_t cpb = 4;
+  while (cpb > 1 && tiles * ((nch + cpb - 1) / cpb) < 4 * sm_count(h.get_device())) cpb /= 2;
+  dispatch(op, values.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type_t<scalar_t>;
+    launch_expand_b<scalar_t>(h2.data_ptr<acc_t>(), 1, T, b, v.data_ptr<scalar_t>(), scale, tile,
+                              cpb, y.data_ptr<scalar_t>(), stream);
+  });
+  return y;
+}
+
+// grad_x = grad_h @ A_window: the backward's expand_a on one "partial".
+at::Tensor shrink_backward_cuda(const at::Tensor& grad_h, int64_t width, at::ScalarType dtype,
+                                int64_t rank, int64_t seed, c10::string_view distribution,
+                                int64_t col_start, int64_t in_features) {
+  const char* op = "shrink_backward";
+  const DeltaShape s = check_shrink_backward_args(op, grad_h, width, dtype, rank, seed,
+                                                  distribution, col_start, in_features);
+  const c10::cuda::CUDAGuard guard(grad_h.device());
+  auto shape = grad_h.sizes().vec();
+  shape.back() = width;
+  const int64_t T = s.tokens;
+  if (T == 0) return at::zeros(shape, grad_h.options().dtype(dtype));
+  at::Tensor gx = at::empty({T, width}, grad_h.options().dtype(dtype));
+  const at::Tensor gh = grad_h.reshape({T, rank}).contiguous();
+  const int tile = token_tile(T, dtype, rank);
+  check_grid_y(op, (T + tile - 1) / tile, "token tiles");
+  const AGen g = to_agen(s.gen);
+  dispatch(op, dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    launch_expand_a<scalar_t>(gh.data_ptr<acc_type_t<scalar_t>>(), 1, T, width, g,
+                              static_cast<int>(rank), 1.0, tile, gx.data_ptr<scalar_t>(),
+                              c10::cuda::getCurrentCUDAStream());
+  });
+  return gx.view(shape);
+}
+
+// (grad_h, grad_values) of expand: the backward's shrink_b and grad_values kernels.
+std::tuple<at::Tensor, at::Tensor> expand_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& mask,
+    const at::Tensor& values, const at::Tensor& offsets, double scale, bool need_h,
+    bool need_values) {
+  const char* op = "expand_backward";
+  const DeltaShape s = check_expand_args(op, h, mask, values, offsets, scale);
+  auto y_shape = h.sizes().vec();
+  y_shape.back() = s.out_features;
+  TORCH_CHECK(grad_y.device() == h.device(), op, ": grad_y is on ", grad_y.device(),
+              " but h is on ", h.device());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == values.scalar_type(), op, ": grad_y dtype (",
+                   grad_y.scalar_type(), ") must match values dtype (", values.scalar_type(),
+                   ")");
+  TORCH_CHECK_VALUE(grad_y.sizes().vec() == y_shape, op, ": grad_y must have shape ",
+                    c10::IntArrayRef(y_shape), ", got ", grad_y.sizes());
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t T = s.tokens, rank = s.rank;
+  at::Tensor gh = need_h ? at::zeros(h.sizes(), h.options()) : at::empty({0}, h.options());
+  at::Tensor gv = need_values ? at::zeros_like(values) : at::empty({0}, values.options());
+  if (T == 0 || s.out_features == 0 || (!need_h && !need_values)) return {gh, gv};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor gy2 = grad_y.reshape({T, s.out_features}).contiguous();
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const BMask b = to_bmask(m, off, rank, v.numel());
+  const int64_t nch = num_chunks(s.out_features);
+  const int sms = sm_count(h.get_device());
+  const auto vt = values.scalar_type();
+  if (need_h) {
+    const int tile = token_tile(T, vt, rank);
+    const Split sp = plan_split(nch, 1, (T + tile - 1) / tile, sms,
+                                T > kSmallTile ? INT32_MAX : decode_split_cap(T));
+    check_grid_y(op, sp.splits, "chunk groups");
+    check_grid_y(op, (T + tile - 1) / tile, "token tiles");
+    at::Tensor part = at::empty({sp.splits, T, rank}, h.options());
+    dispatch(op, vt, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      launch_shrink_b<scalar_t>(gy2.data_ptr<scalar_t>(), T, b, v.data_ptr<scalar_t>(),
+                                sp.splits, sp.per_split, tile,
+                                part.data_ptr<acc_type_t<scalar_t>>(), stream);
+    });
+    gh.view({T, rank}).copy_(part.sum(0).mul_(scale));
+  }
+  if (need_values) {
+    const at::Tensor h2 = h.reshape({T, rank}).contiguous();
+    const Split sp = plan_split(T, 32, nch, sms);
+    check_grid_y(op, sp.splits, "token slices");
+    at::Tensor gbp = at::empty({sp.splits, s.out_features, rank}, h.options());
+    dispatch(op, vt, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = acc_type_t<scalar_t>;
+      launch_grad_values<scalar_t>(gy2.data_ptr<scalar_t>(), h2.data_ptr<acc_t>(), T, b,
+                                   sp.splits, sp.per_split, scale, gbp.data_ptr<acc_t>(),
+                                   gv.data_ptr<scalar_t>(), stream);
+    });
+  }
+  return {gh, gv};
 }
 
 void random_a_fill_cuda(const at::Tensor& out, int64_t seed, int64_t in_features,
@@ -346,4 +480,8 @@ TORCH_LIBRARY_IMPL(lori, CUDA, m) {
   m.impl("sparse_delta_fwd", &lori::cuda::sparse_delta_fwd_cuda);
   m.impl("sparse_delta_backward", &lori::cuda::sparse_delta_backward_cuda);
   m.impl("merge_delta_", &lori::cuda::merge_delta_cuda);
+  m.impl("shrink", &lori::cuda::shrink_cuda);
+  m.impl("shrink_backward", &lori::cuda::shrink_backward_cuda);
+  m.impl("expand", &lori::cuda::expand_cuda);
+  m.impl("expand_backward", &lori::cuda::expand_backward_cuda);
 }

@@ -6,11 +6,10 @@ input replicated, output this rank's columns of y.
 
 LoRIRowwiseParallel: base weight columns and A's column window sharded, B replicated; input
 this rank's columns of x, output replicated. The delta takes the h route: h_local =
-x_local @ A[:, c0:c1]^T (fp32, A's window from random_a(columns=...), whose scale is that of
-the full in_features), one all-reduce of h (T x rank, out/rank times fewer bytes than y), then
-the expand with the whole B, so B's gradient is the same on every rank and needs no
-communication. The slice of A is materialized here; a column-window argument of the ops will
-replace it (no A in memory, the fused kernel).
+ops.shrink(x_local, col_start=c0, in_features=in) (fp32, A's window regenerated in the kernel
+with the full in_features' scale and Philox columns; no A in memory), one all-reduce of h
+(T x rank, out/rank times fewer bytes than y), then ops.expand with the whole B, so B's
+gradient is the same on every rank and needs no communication.
 
 Both styles modify the layer in place (parallelize_module does not put a returned module back
 into a plan's parent) and work with `parallelize_module(model, mesh, {name: style})`. The
@@ -28,7 +27,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import LoRILinear
-from ..nn.linear import retire_parameter, unpack_mask
+from ..nn.linear import retire_parameter
 
 try:
     from torch.distributed.tensor.parallel import ParallelStyle
@@ -100,22 +99,19 @@ def _replace_values(ad, values: torch.Tensor, why: str) -> None:
 
 
 def rowwise_delta(x_local: torch.Tensor, b, a, coef: float, columns: tuple[int, int],
-                  group=None) -> torch.Tensor:
-    """coef * (x @ A^T) @ B^T when this rank holds x[..., c0:c1] only: h_local from A's
-    column window (full-width scale), all-reduced (T x rank, fp32), then expanded with the
-    whole B (differentiable w.r.t. b.values; backward of the all-reduce is the identity, as
-    every rank computes the same h)."""
+                  group=None, backend: str | None = None) -> torch.Tensor:
+    """coef * (x @ A^T) @ B^T when this rank holds x[..., c0:c1] only: h_local = shrink of
+    A's column window (full-width scale), all-reduced (T x rank, fp32), then expanded with the
+    whole B (differentiable w.r.t. x_local and b.values; the all-reduce's backward is the
+    identity, as every rank computes the same h and the same grad_h)."""
     c0, c1 = columns
     if x_local.shape[-1] != c1 - c0:
         raise ValueError(f"x_local has {x_local.shape[-1]} columns, the window {columns} "
                          f"has {c1 - c0}")
-    a_win = ops.random_a(a.seed, a.rank, a.in_features, distribution=a.distribution,
-                         dtype=torch.float32, device=x_local.device, columns=(c0, c1))
-    h = F.linear(x_local.float(), a_win)
+    h = ops._shrink(x_local, a.rank, a.seed_op, a.distribution, c0, a.in_features, backend)
     h = _ReduceFromTP.apply(h, group)
-    dense_b = torch.zeros(b.out_features, b.rank, dtype=torch.float32, device=x_local.device)
-    dense_b = dense_b.masked_scatter(unpack_mask(b.mask, b.rank), b.values.float())
-    return (F.linear(h, dense_b) * coef).to(x_local.dtype)
+    values = b.values if b.values.dtype == x_local.dtype else b.values.to(x_local.dtype)
+    return ops._expand(h, b.mask, values, b.offsets, float(coef), backend)
 
 
 def _rowwise_forward(self, x):

@@ -19,14 +19,16 @@ import triton.language as tl
 
 from .. import spec
 from .common import acc_dtype_for, b_row_starts, b_tile, cast_rne, jit, key_args, key_u32, mm
-from .random_a import a_tile
+from .random_a import a_tile_at, window_aligned
 
 
 @jit
 def merge_kernel(w_ptr, mask_ptr, values_ptr, offsets_ptr, scale_ptr, n_out, K, rank, nnz,
-                 stride_wo, stride_wk, k0, k1, mag, DIST: tl.constexpr, WORDS: tl.constexpr,
-                 BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w[o, j] = round(w[o, j] + scale * sum_k B[o, k] A[k, j]) for one (row block, column tile).
+                 stride_wo, stride_wk, k0, k1, mag, col_start, DIST: tl.constexpr,
+                 WORDS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+    """w[o, j] = round(w[o, j] + scale * sum_k B[o, k] A[k, col_start + j]) for one (row block,
+    column tile); w is the column shard of W starting at col_start.
     scale is read from a 1-element tensor in the accumulation dtype (a float kernel argument
     would be fp32, which would round a float64 merge's scale)."""
     pid_o = tl.program_id(0)
@@ -45,7 +47,7 @@ def merge_kernel(w_ptr, mask_ptr, values_ptr, offsets_ptr, scale_ptr, n_out, K, 
         # B is zero past rank, so A's rows past rank (finite values) add nothing.
         bv = b_tile(mask_ptr, values_ptr, offsets_ptr, row_start, o0, offs_o, offs_r, n_out, rank,
                     nnz, WORDS, BLOCK_O, BLOCK_R)
-        a = a_tile(key0, key1, offs_r, col0, mag, DIST, BLOCK_R, BLOCK_K)
+        a = a_tile_at(key0, key1, offs_r, col_start + col0, mag, DIST, BLOCK_R, BLOCK_K, ALIGNED)
         acc += mm(bv.to(ACC), a.to(ACC), ACC)
     ok = (offs_o < n_out)[:, None] & (offs_k < K)[None, :]
     ptrs = w_ptr + offs_o.to(tl.int64)[:, None] * stride_wo + offs_k.to(tl.int64)[None, :] * stride_wk
@@ -55,7 +57,7 @@ def merge_kernel(w_ptr, mask_ptr, values_ptr, offsets_ptr, scale_ptr, n_out, K, 
 
 def merge_delta_(weight: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
                  offsets: torch.Tensor, rank: int, seed: int, distribution: str, scale: float,
-                 interpret: bool) -> None:
+                 interpret: bool, col_start: int = 0, in_features: int | None = None) -> None:
     """Launch (arguments already validated; mask/values/offsets contiguous). Any weight strides."""
     O, K = weight.shape
     if weight.numel() == 0:
@@ -68,6 +70,7 @@ def merge_delta_(weight: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
     k0, k1 = key_args(seed)
     merge_kernel[(spec.num_chunks(O), triton.cdiv(K, bk))](
         weight, mask, values, offsets, scale_t, O, K, rank, values.numel(), weight.stride(0),
-        weight.stride(1), k0, k1, spec.magnitude(distribution, K),
+        weight.stride(1), k0, k1, spec.magnitude(distribution, K if in_features is None
+                                                 else in_features), col_start,
         DIST=spec.DISTRIBUTIONS[distribution], WORDS=spec.mask_words(rank), BLOCK_O=64,
-        BLOCK_R=br, BLOCK_K=bk)
+        BLOCK_R=br, BLOCK_K=bk, ALIGNED=window_aligned(col_start, distribution))

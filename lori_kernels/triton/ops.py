@@ -59,10 +59,16 @@ def _check_runnable(op: str, t: torch.Tensor) -> None:
                        f"tensors, got device {t.device}")
 
 
-def _check_delta(op: str, x, mask, values, offsets, rank, distribution, scale) -> None:
+def _check_delta(op: str, x, mask, values, offsets, rank, distribution, scale, col_start=0,
+                 in_features=-1) -> None:
     """The single-adapter ops' rules, then B's contents where validation asks for them."""
-    rules.sparse_delta(op, x, mask, values, offsets, rank, distribution, scale)
+    rules.sparse_delta(op, x, mask, values, offsets, rank, distribution, scale,
+                       col_start=col_start, n_in=in_features)
     _check_contents(op, x, mask, values, offsets, rank)
+
+
+def _n_in(in_features: int, width: int) -> int:
+    return width if in_features == -1 else in_features
 
 
 def _check_contents(op: str, x, mask, values, offsets, rank) -> None:
@@ -86,23 +92,100 @@ def _b(mask, values, offsets):
 # ---- kernels ----------------------------------------------------------------------------------
 
 @torch.library.register_kernel("lori::triton_sparse_delta", ("cpu", "cuda"))
-def _triton_sparse_delta(x, mask, values, offsets, rank, seed, distribution, scale):
-    _check_delta("triton_sparse_delta", x, mask, values, offsets, rank, distribution, scale)
+def _triton_sparse_delta(x, mask, values, offsets, rank, seed, distribution, scale, col_start=0,
+                         in_features=-1):
+    _check_delta("triton_sparse_delta", x, mask, values, offsets, rank, distribution, scale,
+                 col_start, in_features)
     with _on(x):
         return _fwd.sparse_delta_fwd(x, *_b(mask, values, offsets), rank, seed, distribution,
-                                     float(scale), INTERPRET)
+                                     float(scale), INTERPRET, col_start,
+                                     _n_in(in_features, x.shape[-1]))
 
 
 @torch.library.register_kernel("lori::triton_sparse_delta_backward", ("cpu", "cuda"))
 def _triton_sparse_delta_backward(grad_y, x, mask, values, offsets, rank, seed, distribution,
-                                  scale, need_x, need_values):
+                                  scale, need_x, need_values, col_start=0, in_features=-1):
     op = "triton_sparse_delta_backward"
-    _check_delta(op, x, mask, values, offsets, rank, distribution, scale)
+    _check_delta(op, x, mask, values, offsets, rank, distribution, scale, col_start,
+                 in_features)
     rules.like_output(op, "grad_y", grad_y, x, mask.shape[0])
     with _on(x):
         return _bwd.sparse_delta_bwd(grad_y, x, *_b(mask, values, offsets), rank, seed,
                                      distribution, float(scale), bool(need_x), bool(need_values),
-                                     INTERPRET)
+                                     INTERPRET, col_start, _n_in(in_features, x.shape[-1]))
+
+
+@torch.library.register_kernel("lori::triton_shrink", ("cpu", "cuda"))
+def _triton_shrink(x, rank, seed, distribution, col_start=0, in_features=-1):
+    op = "triton_shrink"
+    rules.shrink(op, x, rank, distribution, col_start, in_features)
+    _check_runnable(op, x)
+    K = x.shape[-1]
+    T = x.numel() // K
+    acc = _fwd.acc_dtype_for(x.dtype)
+    if T == 0:
+        return torch.zeros((*x.shape[:-1], rank), dtype=acc, device=x.device)
+    with _on(x):
+        h, split = _fwd.shrink(x.reshape(T, K), rank, seed, distribution, _n_in(in_features, K),
+                               acc, INTERPRET, col_start)
+    h = h[0] if split == 1 else h.sum(0)  # a fixed-order sum of the splits' partials
+    return h.reshape(*x.shape[:-1], rank)
+
+
+@torch.library.register_kernel("lori::triton_shrink_backward", ("cpu", "cuda"))
+def _triton_shrink_backward(grad_h, width, dtype, rank, seed, distribution, col_start=0,
+                            in_features=-1):
+    op = "triton_shrink_backward"
+    rules.shrink_backward(op, grad_h, width, dtype, rank, distribution, col_start, in_features)
+    _check_runnable(op, grad_h)
+    T = grad_h.numel() // rank
+    gx = torch.empty((T, width), dtype=dtype, device=grad_h.device)
+    if T:
+        cfg = _fwd.config(T, rank, grad_h.device, INTERPRET)
+        k_scale = 1.0
+        with _on(grad_h):
+            _bwd.expand_a(grad_h.reshape(T, rank).contiguous(), 1, T, gx, rank, seed,
+                          distribution, _n_in(in_features, width), col_start, k_scale, cfg)
+    return gx.reshape(*grad_h.shape[:-1], width)
+
+
+@torch.library.register_kernel("lori::triton_expand", ("cpu", "cuda"))
+def _triton_expand(h, mask, values, offsets, scale):
+    op = "triton_expand"
+    rules.expand(op, h, mask, values, offsets, scale)
+    _check_contents(op, h, mask, values, offsets, h.shape[-1])
+    rank = h.shape[-1]
+    T = h.numel() // rank
+    y = torch.empty((*h.shape[:-1], mask.shape[0]), dtype=values.dtype, device=h.device)
+    with _on(h):
+        return _fwd.expand_parts(h.reshape(T, rank).contiguous(), 1, T,
+                                 *_b(mask, values, offsets), rank, float(scale), values.dtype,
+                                 INTERPRET, y)
+
+
+@torch.library.register_kernel("lori::triton_expand_backward", ("cpu", "cuda"))
+def _triton_expand_backward(grad_y, h, mask, values, offsets, scale, need_h, need_values):
+    op = "triton_expand_backward"
+    rules.expand(op, h, mask, values, offsets, scale)
+    rank = h.shape[-1]
+    rules.expand_grad_y(op, grad_y, h, values, mask.shape[0])
+    _check_contents(op, h, mask, values, offsets, rank)
+    T, O = h.numel() // rank, mask.shape[0]
+    gh = torch.zeros(h.shape, dtype=h.dtype, device=h.device) if need_h else h.new_empty((0,))
+    gv = (torch.zeros_like(values) if need_values else values.new_empty((0,)))
+    if T == 0 or O == 0 or not (need_h or need_values):
+        return gh, gv
+    m, v, off = _b(mask, values, offsets)
+    gy2 = grad_y.reshape(T, O).contiguous()
+    cfg = _fwd.config(T, rank, h.device, INTERPRET)
+    with _on(h):
+        if need_h:
+            parts, split = _bwd.gy_b(gy2, m, v, off, T, rank, h.dtype, cfg, INTERPRET)
+            gh = ((parts[0] if split == 1 else parts.sum(0)) * scale).reshape(h.shape)
+        if need_values and values.numel():
+            gv = _bwd.grad_values(gy2, h.reshape(T, rank).contiguous(), 1, m, v, off, T, rank,
+                                  float(scale), cfg, INTERPRET)
+    return gh, gv
 
 
 @torch.library.register_kernel("lori::triton_random_a_fill", ("cpu", "cuda"))
@@ -115,13 +198,16 @@ def _triton_random_a_fill(out, seed, in_features, col_start, distribution):
 
 
 @torch.library.register_kernel("lori::triton_merge_delta_", ("cpu", "cuda"))
-def _triton_merge_delta_(weight, mask, values, offsets, rank, seed, distribution, scale):
+def _triton_merge_delta_(weight, mask, values, offsets, rank, seed, distribution, scale,
+                         col_start=0, in_features=-1):
     op = "triton_merge_delta_"
-    rules.merge(op, weight, mask, values, offsets, rank, distribution, scale)
+    rules.merge(op, weight, mask, values, offsets, rank, distribution, scale, col_start,
+                in_features)
     _check_contents(op, weight, mask, values, offsets, rank)
     with _on(weight):
         _merge.merge_delta_(weight, *_b(mask, values, offsets), rank, seed, distribution,
-                            float(scale), INTERPRET)
+                            float(scale), INTERPRET, col_start,
+                            _n_in(in_features, weight.shape[1]))
 
 
 # ---- batched multi-adapter ops ------------------------------------------------------------------
@@ -317,24 +403,60 @@ def _triton_batched_sparse_delta_backward(grad_y, x, adapter_ids, masks, values,
 # ---- autograd: gradients for x and values; A is frozen ------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    x, mask, values, offsets, rank, seed, distribution, scale = inputs
+    x, mask, values, offsets, rank, seed, distribution, scale = inputs[:8]
     ctx.save_for_backward(x, mask, values, offsets)
     ctx.args = (rank, seed, distribution, scale)
+    ctx.window = tuple(inputs[8:10]) + (0, -1)[len(inputs[8:10]):]
 
 
 def _backward(ctx, grad_y):
     x, mask, values, offsets = ctx.saved_tensors
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if not (need_x or need_values):
-        return (None,) * 8
+        return (None,) * 10
     gx, gv = torch.ops.lori.triton_sparse_delta_backward(
-        grad_y.contiguous(), x, mask, values, offsets, *ctx.args, need_x, need_values)
+        grad_y.contiguous(), x, mask, values, offsets, *ctx.args, need_x, need_values,
+        *ctx.window)
     return (gx if need_x else None, None, gv if need_values else None, None, None, None, None,
-            None)
+            None, None, None)
 
 
 torch.library.register_autograd("lori::triton_sparse_delta", _backward,
                                 setup_context=_setup_context)
+
+
+def _shrink_setup_context(ctx, inputs, output):
+    x, rank, seed, distribution = inputs[:4]
+    window = tuple(inputs[4:6]) + (0, -1)[len(inputs[4:6]):]
+    ctx.args = (x.shape[-1], x.dtype, rank, seed, distribution, *window)
+
+
+def _shrink_backward(ctx, grad_h):
+    gx = torch.ops.lori.triton_shrink_backward(grad_h.contiguous(), *ctx.args)
+    return (gx, None, None, None, None, None)
+
+
+torch.library.register_autograd("lori::triton_shrink", _shrink_backward,
+                                setup_context=_shrink_setup_context)
+
+
+def _expand_setup_context(ctx, inputs, output):
+    h, mask, values, offsets, scale = inputs
+    ctx.save_for_backward(h, mask, values, offsets)
+    ctx.scale = scale
+
+
+def _expand_backward(ctx, grad_y):
+    need_h, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if not (need_h or need_values):
+        return (None,) * 5
+    gh, gv = torch.ops.lori.triton_expand_backward(grad_y.contiguous(), *ctx.saved_tensors,
+                                                   ctx.scale, need_h, need_values)
+    return (gh if need_h else None, None, gv if need_values else None, None, None)
+
+
+torch.library.register_autograd("lori::triton_expand", _expand_backward,
+                                setup_context=_expand_setup_context)
 
 
 # ---- batched autograd (x, values and base get gradients) ----------------------------------

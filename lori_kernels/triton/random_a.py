@@ -57,6 +57,42 @@ def a_tile(k0, k1, rows, col0, mag, DIST: tl.constexpr, BLOCK_R: tl.constexpr,
         return tl.reshape(a, (BLOCK_R, BLOCK_K))
 
 
+@triton.jit
+def a_tile_at(k0, k1, rows, col0, mag, DIST: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+    """fp32 A[rows, col0:col0+BLOCK_K] for any col0 (a column window's A columns).
+
+    ALIGNED (col0 a multiple of E): a_tile, one Philox call per E elements. Otherwise one
+    Philox call per element (the tile straddles blocks at an offset only known at run time,
+    and a register tile cannot be shifted by it): the price of a window that does not start
+    on a Philox block edge (128 columns rademacher, 4 uniform)."""
+    if ALIGNED:
+        return a_tile(k0, k1, rows, col0, mag, DIST, BLOCK_R, BLOCK_K)
+    else:
+        r = rows.to(tl.uint32, bitcast=True)[:, None]
+        cols = (col0 + tl.arange(0, BLOCK_K)).to(tl.uint32)[None, :]
+        zero = tl.zeros((BLOCK_R, BLOCK_K), tl.uint32)
+        if DIST == 1:
+            w0, w1, w2, w3 = philox4x32_10((cols >> 7) + zero, r + zero, zero + 1, zero, k0, k1)
+            wi = (cols >> 5) & 3
+            word = tl.where(wi == 0, w0, tl.where(wi == 1, w1, tl.where(wi == 2, w2, w3)))
+            neg = ((word >> (cols & 31)) & 1) != 0
+            return tl.where(neg, -mag, mag).to(tl.float32)
+        else:
+            w0, w1, w2, w3 = philox4x32_10((cols >> 2) + zero, r + zero, zero + 2, zero, k0, k1)
+            wi = cols & 3
+            word = tl.where(wi == 0, w0, tl.where(wi == 1, w1, tl.where(wi == 2, w2, w3)))
+            k = (word >> 9).to(tl.int32)
+            unit = (2 * k + 1 - 8388608).to(tl.float32) * 1.1920928955078125e-07  # exact
+            return unit * mag
+
+
+def window_aligned(col_start: int, distribution: str) -> bool:
+    """Whether a window starting at A column col_start lets kernels use a_tile (their tiles are
+    multiples of 128 columns, so col_start a multiple of E keeps every tile block-aligned)."""
+    return col_start % spec.ELEMS_PER_BLOCK[distribution] == 0
+
+
 @jit
 def _random_a_fill_kernel(out_ptr, stride_r, stride_c, rank, col_start, ncols, k0, k1, mag,
                           DIST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -29,7 +29,7 @@ from .. import spec
 from .common import (INTERPRET, Config, acc_dtype_for, b_row_starts, b_tile, cast_rne,  # noqa: F401
                      config, force_config, jit, key_args, key_u32, load_rows, load_split_sum,
                      mm, plan_split, split_tiles, store_split_part)
-from .random_a import a_tile
+from .random_a import a_tile_at, window_aligned
 
 # INTERPRET (whether the kernels were decorated for the interpreter), Config and force_config
 # are imported from here by the op registration and the tests.
@@ -38,10 +38,11 @@ from .random_a import a_tile
 # ---- kernels --------------------------------------------------------------------------------
 
 @jit
-def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n_ktiles,
-                  tiles_per_split, DIST: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[s, t, r] = sum_j x[t, j] A[r, j] over split s's column tiles (h is (split, T, rank))."""
+def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, col_start,
+                  n_ktiles, tiles_per_split, DIST: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+    """h[s, t, r] = sum_j x[t, j] A[r, col_start + j] over split s's column tiles (h is
+    (split, T, rank)); x holds A's column window starting at col_start."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -59,7 +60,8 @@ def shrink_kernel(x_ptr, h_ptr, T, K, rank, stride_xt, stride_xk, k0, k1, mag, n
         col0 = kt * BLOCK_K
         offs_k = col0 + tl.arange(0, BLOCK_K)
         xt = load_rows(x_rows, offs_k, stride_xk, K, t_ok)
-        a = cast_rne(a_tile(key0, key1, rows, col0, mag, DIST, BLOCK_R, BLOCK_K), DOT)
+        a = cast_rne(a_tile_at(key0, key1, rows, col_start + col0, mag, DIST, BLOCK_R, BLOCK_K,
+                               ALIGNED), DOT)
         acc += mm(xt, tl.trans(a), ACC)
     store_split_part(h_ptr, pid_s, T, offs_t, rows, rank, acc, t_ok)
 
@@ -96,9 +98,11 @@ def expand_kernel(h_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, T, n_out, ran
 # ---- launches -------------------------------------------------------------------------------
 
 def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_features: int,
-           acc_dtype: torch.dtype, interpret: bool) -> tuple[torch.Tensor, int]:
-    """(h_parts, split): h = x2 @ A^T = h_parts.sum(0) in acc_dtype, h_parts (split, T, rank).
-    x2 is (T, in_features), any strides."""
+           acc_dtype: torch.dtype, interpret: bool,
+           col_start: int = 0) -> tuple[torch.Tensor, int]:
+    """(h_parts, split): h = x2 @ A_window^T = h_parts.sum(0) in acc_dtype, h_parts
+    (split, T, rank). x2 is (T, width), any strides, A's columns [col_start, col_start + width)
+    of an A in_features wide."""
     T, K = x2.shape
     cfg = config(T, rank, x2.device, interpret)
     n_t, n_r = triton.cdiv(T, cfg.block_t), triton.cdiv(rank, cfg.block_r)
@@ -108,24 +112,43 @@ def shrink(x2: torch.Tensor, rank: int, seed: int, distribution: str, in_feature
     k0, k1 = key_args(seed)
     shrink_kernel[(n_t, n_r, split)](
         x2, h, T, K, rank, x2.stride(0), x2.stride(1), k0, k1,
-        spec.magnitude(distribution, in_features), n_k, per,
+        spec.magnitude(distribution, in_features), col_start, n_k, per,
         DIST=spec.DISTRIBUTIONS[distribution], BLOCK_T=cfg.block_t, BLOCK_R=cfg.block_r,
-        BLOCK_K=cfg.block_k)
+        BLOCK_K=cfg.block_k, ALIGNED=window_aligned(col_start, distribution))
     return h, split
 
 
 def sparse_delta_fwd(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
                      offsets: torch.Tensor, rank: int, seed: int, distribution: str,
-                     scale: float, interpret: bool) -> torch.Tensor:
-    """y (..., out) in x's dtype; arguments already validated."""
+                     scale: float, interpret: bool, col_start: int = 0,
+                     in_features: int | None = None) -> torch.Tensor:
+    """y (..., out) in x's dtype; arguments already validated. x holds A's columns
+    [col_start, col_start + x.shape[-1]) of an A in_features wide (None: x's width)."""
     K, O = x.shape[-1], mask.shape[0]
     T = x.numel() // K
     y = torch.empty((*x.shape[:-1], O), dtype=x.dtype, device=x.device)
     if T == 0 or O == 0:
         return y
     acc = acc_dtype_for(x.dtype)
-    h, n_split = shrink(x.reshape(T, K), rank, seed, distribution, K, acc, interpret)
-    cfg = config(T, rank, x.device, interpret)
+    n_in = K if in_features is None else in_features
+    h, n_split = shrink(x.reshape(T, K), rank, seed, distribution, n_in, acc, interpret,
+                        col_start)
+    return expand_parts(h, n_split, T, mask, values, offsets, rank, scale, x.dtype, interpret,
+                        y)
+
+
+def expand_parts(h: torch.Tensor, n_split: int, T: int, mask: torch.Tensor, values: torch.Tensor,
+                 offsets: torch.Tensor, rank: int, scale: float, out_dtype: torch.dtype,
+                 interpret: bool, y: torch.Tensor | None = None) -> torch.Tensor:
+    """y (T, out) (or into y, any (..., out) contiguous) = scale * (sum of h's n_split
+    partials) @ B^T, in out_dtype; arguments already validated."""
+    O = mask.shape[0]
+    if y is None:
+        y = torch.empty((T, O), dtype=out_dtype, device=h.device)
+    if T == 0 or O == 0:
+        return y
+    acc = h.dtype
+    cfg = config(T, rank, h.device, interpret)
     # fp64 (verification) keeps scale exact: applied afterwards in fp64.
     k_scale = 1.0 if acc == torch.float64 else scale
     expand_kernel[(triton.cdiv(T, cfg.block_t), triton.cdiv(O, cfg.block_o))](
