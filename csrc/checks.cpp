@@ -246,7 +246,13 @@ DeltaShape check_merge_delta_args(const char* op, const at::Tensor& weight, cons
                                   double scale, int64_t col_start, int64_t in_features) {
   TORCH_CHECK_VALUE(weight.dim() == 2, op,
                     ": weight must be 2-D (out_features, in_features), got ", weight.sizes());
-  // weight stands in for x: its rows are "tokens" of in_features, its dtype is values'.
+  // weight stands in for x: its rows are "tokens" of in_features, its dtype is values'. Its
+  // dtype rules are checked here first so their errors name the argument the caller passed.
+  const auto t = weight.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble,
+                   op, ": weight must be float32, bfloat16, float16 or float64, got ", t);
+  TORCH_CHECK_TYPE(values.scalar_type() == t, op, ": values dtype (", values.scalar_type(),
+                   ") must match weight dtype (", t, ")");
   const DeltaShape s = check_sparse_delta_args(op, weight, mask, values, offsets, rank, seed,
                                                distribution, scale, col_start, in_features);
   TORCH_CHECK_VALUE(weight.size(0) == s.out_features, op, ": weight has ", weight.size(0),

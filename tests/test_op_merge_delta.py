@@ -53,20 +53,11 @@ _MERGE_BAD = [
     (lambda a: a.__setitem__(4, 40), ValueError, "mask must have shape"),
     (lambda a: a.__setitem__(6, "normal"), ValueError, "distribution"),
 ]
-# The C++ CPU merge_delta_ names the weight "x" in these two messages (csrc/cpu): a clear error
-# must name the argument the caller passed.
-_NAMES_WEIGHT_X = {"weight must be float", "values dtype .* must match weight"}
-
-
 def _merge_bad_params():
     out = []
     for be in backends("cpu", "triton"):
         for mutate, exc, msg in _MERGE_BAD:
-            marks = list(be.marks)
-            if be.values[0] == "cpu" and msg in _NAMES_WEIGHT_X:
-                marks.append(pytest.mark.xfail(strict=True, reason="the C++ CPU merge_delta_ "
-                                               "calls the weight 'x' in this error"))
-            out.append(pytest.param(mutate, exc, msg, be.values[0], marks=marks,
+            out.append(pytest.param(mutate, exc, msg, be.values[0], marks=be.marks,
                                     id=f"{msg}-{be.values[0]}"))
     return out
 

@@ -90,12 +90,7 @@ def test_random_a_fill_bad_arguments(backend):
         fill(torch.empty(2, 3, device=dev), 1, 15, 0, "gauss")
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(*backends("cpu")[0].values, marks=pytest.mark.xfail(
-        strict=True, reason="the C++ CPU _random_a_fill computes fp32 A and copies it into any "
-        "dtype: an int32 out silently gets A truncated to integers (csrc/cpu/agen.cpp)"),
-        id="cpu"),
-    *backends("triton")])
+@pytest.mark.parametrize("backend", backends("cpu", "triton"))
 def test_random_a_fill_rejects_non_float_out(backend):
     out = torch.full((2, 3), 7, dtype=torch.int32, device=backend.device)
     with pytest.raises(TypeError, match="out must be float"):

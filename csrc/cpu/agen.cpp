@@ -200,6 +200,10 @@ void random_a_fill_cpu(const at::Tensor& out, int64_t seed, int64_t in_features,
                        int64_t col_start, c10::string_view distribution) {
   TORCH_CHECK(out.device().is_cpu(), "_random_a_fill: out must be a CPU tensor");
   TORCH_CHECK_VALUE(out.dim() == 2, "_random_a_fill: out must be 2-D (rank, columns)");
+  // A is computed in fp32 and copied into out: an integer out would silently truncate it.
+  const auto t = out.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+                   "_random_a_fill: out must be float32, float64, bfloat16 or float16, got ", t);
   const AGenParams g = make_agen(seed, in_features, distribution);
   const int64_t rank = out.size(0), ncols = out.size(1);
   TORCH_CHECK_VALUE(col_start >= 0 && col_start <= in_features - ncols,
