@@ -203,30 +203,26 @@ DeltaShape check_expand_args(const char* op, const at::Tensor& h, const at::Tens
   return s;
 }
 
+void check_expand_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& h,
+                         const at::Tensor& values, const DeltaShape& s) {
+  auto y_shape = h.sizes().vec();
+  y_shape.back() = s.out_features;
+  TORCH_CHECK(grad_y.device() == h.device(), op, ": grad_y is on ", grad_y.device(),
+              " but h is on ", h.device());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == values.scalar_type(), op, ": grad_y dtype (",
+                   grad_y.scalar_type(), ") must match values dtype (", values.scalar_type(),
+                   ")");
+  TORCH_CHECK_VALUE(grad_y.sizes().vec() == y_shape, op, ": grad_y must have shape ",
+                    c10::IntArrayRef(y_shape), ", got ", grad_y.sizes());
+}
+
 DeltaShape check_sparse_delta_args(const char* op, const at::Tensor& x, const at::Tensor& mask,
                                    const at::Tensor& values, const at::Tensor& offsets,
                                    int64_t rank, int64_t seed, std::string_view distribution,
                                    double scale, int64_t col_start, int64_t in_features) {
   check_rank(op, rank);
   check_x(op, x);
-  const char* hint = "; move them to the same device";
-  check_same_device(op, "mask", mask, x, hint);
-  check_same_device(op, "values", values, x, hint);
-  check_same_device(op, "offsets", offsets, x, hint);
-  check_dtype(op, "mask", mask, at::kInt);
-  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(1) == mask_words(static_cast<int>(rank)), op,
-                    ": mask must have shape (out_features, ", mask_words(static_cast<int>(rank)),
-                    ") for rank ", rank, ", got ", mask.sizes());
-  check_values_dtype(op, values, x);
-  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D (nnz,), got ",
-                    values.sizes());
-  check_dtype(op, "offsets", offsets, at::kInt);
-  const int64_t out = mask.size(0);
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == num_chunks(out) + 1, op,
-                    ": offsets must have shape (", num_chunks(out) + 1,
-                    ",) for out_features ", out, ", got ", offsets.sizes());
-  TORCH_CHECK_VALUE(values.numel() <= out * rank, op, ": values has ", values.numel(),
-                    " entries, more than out_features * rank = ", out * rank);
+  const int64_t out = check_packed_b(op, x, "x", mask, values, offsets, rank, x.scalar_type());
   check_scale(op, scale, x.scalar_type());
   DeltaShape s;
   s.in_features = x.size(-1);

@@ -101,6 +101,9 @@ DeltaShape check_shrink_backward_args(const char* op, const at::Tensor& grad_h, 
 // shape (tokens = h.numel() / rank, in_features = 0, no generator).
 DeltaShape check_expand_args(const char* op, const at::Tensor& h, const at::Tensor& mask,
                              const at::Tensor& values, const at::Tensor& offsets, double scale);
+// grad_y of expand_backward: on h's device, values' dtype, shape (..., out_features).
+void check_expand_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& h,
+                         const at::Tensor& values, const DeltaShape& s);
 
 void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                   const DeltaShape& s);

@@ -248,6 +248,41 @@ void decode_backward_avx512(const at::Tensor& gy2, const BView& b, const DeltaSh
   });
 }
 
+// The B side of a backward (AVX2 gy pass): B's chunks in fixed contiguous parts, each with
+// its own gh partial (rank x Tp, unscaled), so the reduction order (and the result) does not
+// depend on thread scheduling; grad values (scaled) in fp32. hT (rank x Tp) is read only for
+// the values. Returns (gh_parts, gv_f), each undefined when not needed.
+std::tuple<at::Tensor, at::Tensor> gy_pass_parts(const char* op, const BView& b,
+                                                 const at::Tensor& mask,
+                                                 const at::Tensor& offsets, int64_t rank,
+                                                 int64_t nnz, const at::Tensor& gy2,
+                                                 const at::Tensor& hT, int64_t T, int64_t Tp,
+                                                 float sc, bool need_gh, bool need_values) {
+  const int64_t nchunks = num_chunks(b.out);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
+  const auto f32 = gy2.options().dtype(at::kFloat);
+  at::Tensor gh_parts = need_gh ? at::zeros({parts, rank, Tp}, f32) : at::Tensor();
+  at::Tensor gv_f = need_values ? at::empty({nnz}, f32) : at::Tensor();
+  std::atomic<int64_t> bad{-1};
+  dispatch_io_type(gy2.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gyp = gy2.data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t c = gy_pass_avx2<scalar_t>(
+            b, rank, nnz, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
+            need_gh ? gh_parts[q].data_ptr<float>() : nullptr,
+            need_values ? gv_f.data_ptr<float>() : nullptr, sc, nchunks * q / parts,
+            nchunks * (q + 1) / parts);
+        if (c >= 0) bad.store(c);
+      }
+    });
+  });
+  if (bad.load() >= 0) check_bitmask_cpu(op, mask, offsets, rank, nnz);  // names the problem
+  TORCH_CHECK_VALUE(bad.load() < 0, op, ": mask and offsets disagree in chunk ", bad.load());
+  return {gh_parts, gv_f};
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask,
     const at::Tensor& values, const at::Tensor& offsets, int64_t rank, int64_t seed,
@@ -298,30 +333,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_backward_cpu(
                            offsets);
     return {gx, gv};
   }
-  // Chunks split into fixed contiguous parts, each with its own gh partial sum, so the
-  // reduction order (and the result) does not depend on thread scheduling.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
-  at::Tensor gh_parts = need_x ? at::zeros({parts, rank, Tp}, x.options().dtype(at::kFloat))
-                               : at::Tensor();
-  at::Tensor gv_f = need_values ? at::empty({values.numel()}, x.options().dtype(at::kFloat))
-                                : at::Tensor();
-  std::atomic<int64_t> bad{-1};
-  dispatch_io_type(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* gyp = gy2.data_ptr<scalar_t>();
-    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t c = gy_pass_avx2<scalar_t>(
-            b, rank, nnz, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
-            need_x ? gh_parts[q].data_ptr<float>() : nullptr,
-            need_values ? gv_f.data_ptr<float>() : nullptr, sc, nchunks * q / parts,
-            nchunks * (q + 1) / parts);
-        if (c >= 0) bad.store(c);
-      }
-    });
-  });
-  if (bad.load() >= 0) check_bitmask_cpu(op, mask, offsets, rank, nnz);  // names the problem
-  TORCH_CHECK_VALUE(bad.load() < 0, op, ": mask and offsets disagree in chunk ", bad.load());
+  const auto [gh_parts, gv_f] = gy_pass_parts(op, b, mask, offsets, rank, nnz, gy2, hT, T, Tp,
+                                              sc, need_x, need_values);
   if (need_values) gv.copy_(gv_f);
   if (need_x) grad_x_from_gh(gh_parts.sum(0).mul_(sc), s, T, gx.view({T, s.in_features}));
   return {gx, gv};
@@ -355,15 +368,7 @@ std::tuple<at::Tensor, at::Tensor> expand_backward_cpu(
     bool need_values) {
   const char* op = "expand_backward";
   const DeltaShape s = check_expand_args(op, h, mask, values, offsets, scale);
-  auto y_shape = h.sizes().vec();
-  y_shape.back() = s.out_features;
-  TORCH_CHECK(grad_y.device() == h.device(), op, ": grad_y is on ", grad_y.device(),
-              " but h is on ", h.device());
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == values.scalar_type(), op, ": grad_y dtype (",
-                   grad_y.scalar_type(), ") must match values dtype (", values.scalar_type(),
-                   ")");
-  TORCH_CHECK_VALUE(grad_y.sizes().vec() == y_shape, op, ": grad_y must have shape ",
-                    c10::IntArrayRef(y_shape), ", got ", grad_y.sizes());
+  check_expand_grad_y(op, grad_y, h, values, s);
   const int64_t T = s.tokens, rank = s.rank, Tp = round_up8(T);
   at::Tensor gh = need_h ? at::zeros(h.sizes(), h.options()) : at::empty({0}, h.options());
   at::Tensor gv = need_values ? at::zeros_like(values) : at::empty({0}, values.options());
@@ -394,27 +399,8 @@ std::tuple<at::Tensor, at::Tensor> expand_backward_cpu(
   const int64_t nchunks = num_chunks(s.out_features), nnz = values.numel();
   check_offset_ends(op, off.data_ptr<int32_t>(), nchunks, nnz);
   const float sc = static_cast<float>(scale);
-  // Fixed parts with their own gh partials, as in sparse_delta_backward (deterministic).
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
-  at::Tensor gh_parts = need_h ? at::zeros({parts, rank, Tp}, h.options()) : at::Tensor();
-  at::Tensor gv_f = need_values ? at::empty({nnz}, h.options()) : at::Tensor();
-  std::atomic<int64_t> bad{-1};
-  dispatch_io_type(values.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* gyp = gy2.data_ptr<scalar_t>();
-    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t c = gy_pass_avx2<scalar_t>(
-            b, rank, nnz, gyp, T, Tp, need_values ? hT.data_ptr<float>() : nullptr,
-            need_h ? gh_parts[q].data_ptr<float>() : nullptr,
-            need_values ? gv_f.data_ptr<float>() : nullptr, sc, nchunks * q / parts,
-            nchunks * (q + 1) / parts);
-        if (c >= 0) bad.store(c);
-      }
-    });
-  });
-  if (bad.load() >= 0) check_bitmask_cpu(op, mask, offsets, rank, nnz);  // names the problem
-  TORCH_CHECK_VALUE(bad.load() < 0, op, ": mask and offsets disagree in chunk ", bad.load());
+  const auto [gh_parts, gv_f] = gy_pass_parts(op, b, mask, offsets, rank, nnz, gy2, hT, T, Tp,
+                                              sc, need_h, need_values);
   if (need_values) gv.copy_(gv_f);
   if (need_h) gh.view({T, rank}).copy_(gh_parts.sum(0).mul_(sc).narrow(1, 0, T).t());
   return {gh, gv};

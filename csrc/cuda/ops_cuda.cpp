@@ -380,15 +380,7 @@ std::tuple<at::Tensor, at::Tensor> expand_backward_cuda(
     bool need_values) {
   const char* op = "expand_backward";
   const DeltaShape s = check_expand_args(op, h, mask, values, offsets, scale);
-  auto y_shape = h.sizes().vec();
-  y_shape.back() = s.out_features;
-  TORCH_CHECK(grad_y.device() == h.device(), op, ": grad_y is on ", grad_y.device(),
-              " but h is on ", h.device());
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == values.scalar_type(), op, ": grad_y dtype (",
-                   grad_y.scalar_type(), ") must match values dtype (", values.scalar_type(),
-                   ")");
-  TORCH_CHECK_VALUE(grad_y.sizes().vec() == y_shape, op, ": grad_y must have shape ",
-                    c10::IntArrayRef(y_shape), ", got ", grad_y.sizes());
+  check_expand_grad_y(op, grad_y, h, values, s);
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t T = s.tokens, rank = s.rank;
   at::Tensor gh = need_h ? at::zeros(h.sizes(), h.options()) : at::empty({0}, h.options());
