@@ -238,14 +238,19 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
     return {"machine": machine(), "rows": rows, **extra}
 
 
+def _isa(m: dict) -> str:
+    flags = [k for k, v in (m.get("isa_flags") or {}).items() if v]
+    return f"{' '.join(flags) or 'no listed ISA flags'}; lori path {m.get('lori_cpu_isa', '?')}"
+
+
 def report(data: dict) -> str:
     m = data["machine"]
     by = {}
     for r in data["rows"]:
         by.setdefault((r["resident"], r["B"], r["mix"], r["distinct"]), {})[r["provider"]] = r
     lines = [f"Model-level serving (Llama hidden {HIDDEN}, {LAYERS} layers, 7 projections, rank "
-             f"{RANK}, fp32), decode step on a {PREFIX}-token cache. Machine: {m['cpu']}, "
-             f"{m['cores']} cores, torch {m['torch']} ({m['threads']} threads), git {m['git']}, "
+             f"{RANK}, fp32), decode step on a {PREFIX}-token cache. Machine: {m['cpu']} "
+             f"({_isa(m)}), {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), git {m['git']}, "
              f"{m['date']}. Medians (ms) of interleaved runs; ratios vs the same run.", "",
              "| resident | batch | mix | distinct | base | lori_serving | tok/s | vs base | "
              "peft_mixed | lori / peft | lori_single | lori / single |",
@@ -270,7 +275,7 @@ def report(data: dict) -> str:
         p = data["plan_cost"]
         lines.append(f"Python id work per step: one model plan {p['model_plan_us']:.0f} us vs a "
                      f"plan per layer {p['per_layer_plans_us']:.0f} us ({p['layers']} layers); "
-                     "the C++ op still groups and checks tokens inside each layer's call.")
+                     "every layer's op takes the step's plan instead of grouping the tokens again.")
     if "add_while_serving" in data:
         a = data["add_while_serving"]
         mx = a["max_step_during_add_ms"]

@@ -87,6 +87,12 @@ def main(argv=None) -> int:
             print(f"benchmarks.run: pytest exit status {int(rc)}; results in {args.out} left "
                   "as they were", file=sys.stderr)
             return int(rc) or 1
+        if not os.path.exists(json_tmp):
+            # pytest-benchmark writes no JSON when no timed case ran (e.g. `-- -k serving`).
+            print("benchmarks.run: the selection ran no timed case, so there is no report; run "
+                  "a self-contained bench on its own (python -m benchmarks.bench_serving "
+                  "--json F, python -m benchmarks.bench_comm)", file=sys.stderr)
+            return 1
         data = report.load(json_tmp, partial=bool(args.pytest_extra))
         shutil.move(json_tmp, os.path.join(args.out, "latest.json"))
     md = report.write(data, args.out)
