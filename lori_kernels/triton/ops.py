@@ -353,15 +353,11 @@ def _pool(masks, values, value_starts, offsets, seeds, scales, distributions):
             distributions.contiguous())
 
 
-@torch.library.register_kernel("lori::triton_batched_sparse_delta", ("cpu", "cuda"))
-def _triton_batched_sparse_delta(x, adapter_ids, masks, values, value_starts, offsets, seeds,
-                                 scales, distributions, rank, base=None, plan_order=None,
-                                 plan_starts=None, plan_adapters=None):
-    op = "triton_batched_sparse_delta"
-    rules.batched(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
-                  distributions, rank)
-    if base is not None:
-        rules.like_output(op, "base", base, x, masks.shape[1])
+def _checked_plan(op, x, adapter_ids, plan_order, plan_starts, plan_adapters, masks, values,
+                  value_starts, offsets, distributions, rank):
+    """The batched forward's and backward's shared checks after the data-free rules: the plan's
+    rules, that Triton can run here, then the pool's contents against the ids, or against the
+    plan when one is given. Returns the plan (or None)."""
     rules.batched_plan(op, x, plan_order, plan_starts, plan_adapters)
     _check_runnable(op, x)
     plan = _plan_or_none(plan_order, plan_starts, plan_adapters)
@@ -371,6 +367,20 @@ def _triton_batched_sparse_delta(x, adapter_ids, masks, values, value_starts, of
     else:
         _check_batched_plan(op, adapter_ids, plan, masks, values, value_starts, offsets,
                             distributions, rank)
+    return plan
+
+
+@torch.library.register_kernel("lori::triton_batched_sparse_delta", ("cpu", "cuda"))
+def _triton_batched_sparse_delta(x, adapter_ids, masks, values, value_starts, offsets, seeds,
+                                 scales, distributions, rank, base=None, plan_order=None,
+                                 plan_starts=None, plan_adapters=None):
+    op = "triton_batched_sparse_delta"
+    rules.batched(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
+                  distributions, rank)
+    if base is not None:
+        rules.like_output(op, "base", base, x, masks.shape[1])
+    plan = _checked_plan(op, x, adapter_ids, plan_order, plan_starts, plan_adapters, masks,
+                         values, value_starts, offsets, distributions, rank)
     pool = _pool(masks, values, value_starts, offsets, seeds, scales, distributions)
     with _on(x):
         return _batched.batched_fwd(x, adapter_ids, *pool, rank, base, INTERPRET, plan)
@@ -385,15 +395,8 @@ def _triton_batched_sparse_delta_backward(grad_y, x, adapter_ids, masks, values,
     rules.batched(op, x, adapter_ids, masks, values, value_starts, offsets, seeds, scales,
                   distributions, rank)
     rules.like_output(op, "grad_y", grad_y, x, masks.shape[1])
-    rules.batched_plan(op, x, plan_order, plan_starts, plan_adapters)
-    _check_runnable(op, x)
-    plan = _plan_or_none(plan_order, plan_starts, plan_adapters)
-    if plan is None:
-        _check_batched_contents(op, adapter_ids, masks, values, value_starts, offsets,
-                                distributions, rank)
-    else:
-        _check_batched_plan(op, adapter_ids, plan, masks, values, value_starts, offsets,
-                            distributions, rank)
+    plan = _checked_plan(op, x, adapter_ids, plan_order, plan_starts, plan_adapters, masks,
+                         values, value_starts, offsets, distributions, rank)
     pool = _pool(masks, values, value_starts, offsets, seeds, scales, distributions)
     with _on(x):
         return _batched.batched_bwd(grad_y, x, adapter_ids, *pool, rank, bool(need_x),
